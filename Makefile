@@ -1,0 +1,34 @@
+# The two front-door commands. Each creates the virtual environment if it is missing.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: quickstart test test-slow lint bench ui clean-runs
+
+$(BIN)/tmrl: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, pinned: pip takes the build that lies on this machine's disk
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(BIN)/tmrl
+
+# Generate demonstrations on OGBench pointmaze-large, pre-train CSP, evaluate zero-shot, track in MLflow.
+quickstart: $(BIN)/tmrl
+	$(BIN)/tmrl fit --config configs/quickstart.yaml
+
+test: $(BIN)/tmrl
+	$(BIN)/python -m pytest -q
+
+test-slow: $(BIN)/tmrl
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(BIN)/tmrl
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(BIN)/tmrl
+	$(BIN)/tmrl bench pretrain --config configs/csp_state.yaml
+
+ui: $(BIN)/tmrl
+	$(BIN)/tmrl ui

@@ -1,0 +1,1 @@
+"""tmrl application layer: CLI, orchestration, configuration and tracking."""

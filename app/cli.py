@@ -1,0 +1,144 @@
+"""The `tmrl` command: fit | demos | bench | ui.
+
+    tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
+    tmrl fit --config configs/csp_state.yaml --print-config
+    tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
+    tmrl bench pretrain --config configs/csp_state.yaml
+    tmrl ui --port 5000
+
+Errors in what the user gave (config keys and values, paths, run ids) are printed as one clear message
+and exit with status 2; set TMRL_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from app.config import ConfigError, load_config, to_yaml
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default, help="YAML config file (see configs/)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=50"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _load_fit_config(args: argparse.Namespace):
+    from app.schema import FitConfig
+
+    cfg = load_config(FitConfig, args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    cfg = _load_fit_config(args)
+    if cfg is None:
+        return
+    from app import tracking
+    from app.pretrain import fit
+
+    run_id = fit(cfg)
+    print(f"[tmrl] tracking store: {tracking.resolve_uri(cfg.tracking)}; open the UI with `tmrl ui`")
+    print(f"run_id={run_id}")
+
+
+def cmd_demos(args: argparse.Namespace) -> None:
+    from app.demos import generate_maze_demos
+    from app.envs.maze import ExpertConfig
+
+    expert = ExpertConfig() if args.noise_std is None else ExpertConfig(noise_std=args.noise_std)
+    store = generate_maze_demos(
+        env=args.env,
+        episodes=args.episodes,
+        out=args.out,
+        episode_length=args.length,
+        seed=args.seed,
+        expert=expert,
+        overwrite=args.overwrite,
+    )
+    print(f"[tmrl] wrote {store.num_episodes} episodes, {store.num_steps} steps to {args.out}")
+    print(f"fingerprint={store.fingerprint}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from app.bench import bench_pretrain
+
+    cfg = _load_fit_config(args)
+    if cfg is not None:
+        bench_pretrain(cfg, steps=args.steps)
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from app.tracking import TrackingConfig, resolve_uri
+
+    uri = resolve_uri(TrackingConfig(uri=args.uri))
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # a relative sqlite path: make it absolute so the server reads the store this directory uses
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+        if not Path(uri[len("sqlite:///") :]).exists():
+            raise FileNotFoundError(f"no tracking store at {uri}: run `tmrl fit` first, or pass --uri")
+    print(f"[tmrl] MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    cmd += ["--host", args.host, "--port", str(args.port)]
+    os.execv(sys.executable, cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tmrl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="pre-train a CSP policy (generates demonstrations if missing)")
+    _add_config_args(p, default=None)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("demos", help="generate scripted-expert demonstrations into an episode store")
+    p.add_argument("--env", default="pointmaze-large", help="pointmaze-{medium,large,giant,teleport}")
+    p.add_argument("--episodes", type=int, required=True)
+    p.add_argument("--out", required=True, help="episode store path, e.g. data/pointmaze-large.zarr")
+    p.add_argument("--length", type=int, default=1000, help="steps per episode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--noise-std", type=float, default=None, help="expert action noise (default: ExpertConfig)"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demos)
+
+    p = sub.add_parser("bench", help="benchmarks (printed, not tracked)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("pretrain", help="Lightning vs bare loop, data-loader and sampling throughput")
+    _add_config_args(b, default="configs/csp_state.yaml")
+    b.add_argument("--steps", type=int, default=30, help="timed training steps per loop")
+    b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI on the configured tracking store")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        if os.environ.get("TMRL_DEBUG"):
+            raise
+        print(f"tmrl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Environment factories and scripted experts used for demonstrations and evaluation."""

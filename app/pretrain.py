@@ -1,0 +1,190 @@
+"""`tmrl fit`: demonstrations -> StateDataModule -> CSPModule -> Trainer -> zero-shot evaluation, in MLflow.
+
+One fit is one MLflow run. Rank zero creates it before training and publishes its id in ``TMRL_RUN_ID`` so
+the processes a multi-device strategy launches log into the same run instead of opening their own.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import mlflow
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from app import tracking
+from app.config import flatten, to_yaml
+from app.demos import generate_maze_demos
+from app.evaluate import evaluate_zero_shot, metric_name, plot_success
+from app.schema import DemoConfig, FitConfig
+from datamodules.episodes import EpisodeStore
+from datamodules.state import StateDataConfig, StateDataModule
+from modules.csp import CSPModule
+from modules.nets.policy import CSPPolicy
+
+RUN_ID_ENV = "TMRL_RUN_ID"
+
+
+def _global_rank() -> int:
+    # Lightning reads RANK / LOCAL_RANK / SLURM_PROCID at import: what a launcher told this process
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def ensure_demos(data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.0) -> EpisodeStore:
+    """Open the episode store at ``data.path``, generating it with the scripted expert if it is missing.
+
+    Only global rank zero generates; other ranks (e.g. started by SLURM) wait for the store to appear.
+    """
+    path = Path(data.path)
+    deadline = time.monotonic() + wait_s
+    while _global_rank() != 0 and not path.exists() and time.monotonic() < deadline:
+        time.sleep(2.0)
+    if path.exists():
+        return EpisodeStore.open(path)
+    if not demos.generate:
+        raise FileNotFoundError(
+            f"data.path={str(path)!r} does not exist and demos.generate=false; generate it with "
+            f"`tmrl demos --env {demos.env} --episodes N --out {path}` or set demos.generate=true"
+        )
+    print(f"[tmrl] {path} not found: generating {demos.episodes} expert episodes on {demos.env}")
+    return generate_maze_demos(
+        env=demos.env,
+        episodes=demos.episodes,
+        out=path,
+        episode_length=demos.episode_length,
+        seed=demos.seed,
+        expert=demos.expert,
+    )
+
+
+def _resume_checkpoint(cfg: FitConfig, client) -> tuple[str | None, str | None]:
+    """(checkpoint path, run id to continue) from ``cfg.resume``: a .ckpt file, or a fit run's id."""
+    if cfg.resume is None:
+        return None, None
+    if Path(cfg.resume).is_file():
+        return cfg.resume, None
+    local = Path(cfg.output_dir) / cfg.resume / "checkpoints" / "last.ckpt"
+    if local.is_file():
+        return str(local), cfg.resume
+    try:
+        client.get_run(cfg.resume)
+    except Exception as err:  # MlflowException: the id is not a run in this store
+        raise ValueError(
+            f"resume={cfg.resume!r} is neither a checkpoint file nor a run id in "
+            f"{tracking.resolve_uri(cfg.tracking)}"
+        ) from err
+    path = mlflow.artifacts.download_artifacts(
+        run_id=cfg.resume,
+        artifact_path="checkpoints/last.ckpt",
+        tracking_uri=tracking.resolve_uri(cfg.tracking),
+    )
+    return path, cfg.resume
+
+
+def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val: bool) -> tuple:
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/loss" if has_val else "train/loss",
+        mode="min",
+        save_last=True,
+        save_top_k=1,
+        every_n_train_steps=None if has_val else cfg.trainer.val_check_interval,
+    )
+    t = cfg.trainer
+    trainer = L.Trainer(
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices_arg(),
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        val_check_interval=min(t.val_check_interval, t.max_steps),
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if has_val else 0,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        logger=logger,
+        callbacks=[ckpt, LearningRateMonitor()],
+        default_root_dir=run_dir,
+        enable_model_summary=True,
+    )
+    return trainer, ckpt
+
+
+def fit(cfg: FitConfig) -> str:
+    """Pre-train a CSP policy as configured; returns the MLflow run id."""
+    L.seed_everything(cfg.seed, workers=True)
+    store = ensure_demos(cfg.data, cfg.demos)
+    dm = StateDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+    dm.setup("fit")
+    policy = CSPPolicy(cfg.policy, obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
+    policy.set_normalization(dm.stats)
+    module = CSPModule(policy, cfg.optim)
+
+    client = tracking.client_for(cfg.tracking)
+    ckpt_path, resumed_run = _resume_checkpoint(cfg, client)
+    run_id = os.environ.get(RUN_ID_ENV) or resumed_run
+    if run_id is None and _global_rank() != 0:
+        # a rank started by an external launcher (SLURM): only rank zero logs, into the run it creates
+        run_id = f"rank{_global_rank()}"
+    elif run_id is None:  # rank zero of a new fit
+        _, run_id = tracking.start_run(
+            cfg.tracking, stage="pretrain", tags={tracking.DATASET_TAG: store.fingerprint}
+        )
+        tracking.log_params(client, run_id, {**flatten(cfg), "data.fingerprint": store.fingerprint})
+        client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    elif resumed_run:
+        client.update_run(run_id, status="RUNNING")
+    placeholder = run_id.startswith("rank")
+    published = not placeholder and RUN_ID_ENV not in os.environ
+    if published:
+        os.environ[RUN_ID_ENV] = run_id  # processes launched by a DDP strategy inherit it
+    ok = False
+    try:
+        uri = tracking.resolve_uri(cfg.tracking)
+        logger = (
+            False if placeholder else MLFlowLogger(cfg.tracking.experiment, tracking_uri=uri, run_id=run_id)
+        )
+        run_dir = Path(cfg.output_dir) / run_id
+        has_val = dm.val_set is not None and len(dm.val_set) > 0
+        trainer, ckpt = _build_trainer(cfg, logger, run_dir, has_val)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        if trainer.is_global_zero:
+            _finish(cfg, client, run_id, module, ckpt, store, run_dir)
+        ok = True
+    finally:
+        if published:
+            os.environ.pop(RUN_ID_ENV, None)
+            tracking.end_run(client, run_id, ok=ok)
+    return run_id
+
+
+def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store, run_dir: Path) -> None:
+    """Rank zero after training: checkpoints and the bare policy as artifacts, then zero-shot evaluation."""
+    for path in {ckpt.last_model_path, ckpt.best_model_path} - {""}:
+        client.log_artifact(run_id, path, "checkpoints")
+    policy = module.ema.cpu().eval()
+    policy_path = run_dir / "policy.pt"
+    policy.save(policy_path)
+    client.log_artifact(run_id, str(policy_path), "checkpoints")
+    if not cfg.eval.enabled:
+        return
+    env_name = cfg.eval.env or store.attrs.get("env") or cfg.demos.env
+    results = evaluate_zero_shot(policy, env_name, cfg.eval, progress=cfg.trainer.progress_bar)
+    step = module.global_step
+    for sigma, success in results.items():
+        client.log_metric(run_id, metric_name(sigma), float(success.mean()), step=step)
+        print(
+            f"[tmrl] zero-shot {env_name} sigma={sigma:g}: success {success.mean():.1%} "
+            f"(per task {', '.join(f'{v:.0%}' for v in success.mean(axis=1))})"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = plot_success(results, env_name, Path(tmp) / "zero_shot_success.png")
+        client.log_artifact(run_id, str(plot), "plots")

@@ -1,0 +1,100 @@
+"""MLflow: where runs go, how they are started, linked, described and fetched back.
+
+The embedded default is a local sqlite store (``sqlite:///./mlflow.db``) with artifacts under
+``./mlartifacts``; ``tracking.uri`` in the config or ``MLFLOW_TRACKING_URI`` points elsewhere (a
+PostgreSQL-backed server, see deploy/). Every stage is one MLflow run; fine-tuning runs will be nested
+under their pre-training run with ``mlflow.parentRunId``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+DEFAULT_URI = "sqlite:///./mlflow.db"
+GIT_COMMIT_TAG = "tmrl.git_commit"
+DATASET_TAG = "tmrl.dataset_fingerprint"
+STAGE_TAG = "tmrl.stage"
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs are recorded."""
+
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
+    experiment: str = "tmrl"
+    artifact_location: str = "./mlartifacts"  # used only when the experiment is created
+    run_name: str | None = None
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    """The tracking URI in force: config, then environment, then the embedded sqlite default."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _artifact_uri(location: str) -> str:
+    # a relative local path would be resolved against whatever directory the UI later runs in
+    if "://" in location:
+        return location
+    return Path(location).expanduser().resolve().as_uri()
+
+
+def client_for(cfg: TrackingConfig) -> MlflowClient:
+    return MlflowClient(tracking_uri=resolve_uri(cfg))
+
+
+def ensure_experiment(client: MlflowClient, cfg: TrackingConfig) -> str:
+    """The experiment's id, creating it (with an absolute artifact location) if it does not exist."""
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(cfg.experiment, artifact_location=_artifact_uri(cfg.artifact_location))
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (with '-dirty' if the tree has changes), or None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def start_run(
+    cfg: TrackingConfig, stage: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None
+) -> tuple[MlflowClient, str]:
+    """Create a run (status RUNNING) tagged with the stage and git commit; returns (client, run_id)."""
+    client = client_for(cfg)
+    exp_id = ensure_experiment(client, cfg)
+    all_tags = {STAGE_TAG: stage, **(tags or {})}
+    commit = git_commit()
+    if commit:
+        all_tags[GIT_COMMIT_TAG] = commit
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=cfg.run_name, tags=all_tags)
+    return client, run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> None:
+    """Log flattened params in batches (MLflow caps a batch at 100 params and a value at 6000 chars)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def end_run(client: MlflowClient, run_id: str, ok: bool) -> None:
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))

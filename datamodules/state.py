@@ -1,0 +1,208 @@
+"""State demonstrations as training windows for CSP pre-training.
+
+A window is (observation at t, hindsight goal, actions t .. t+L-1), all from ONE episode: windows never
+cross an episode boundary. Goals are relabelled from a future observation of the same episode, projected
+onto the environment's goal dimensions (the store's ``goal_indices`` attribute), so a relabelled goal lives
+in the same space and units as the goal the environment hands out at test time.
+
+Normalization statistics are computed once, from the training episodes, and handed to the policy, which
+keeps them as buffers (they travel with its checkpoint). Episodes, not windows, are split into train and
+validation so no validation window shares an episode with a training one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.episodes import EpisodeStore
+from modules.nets.keys import ACTION, GOAL, OBS
+
+GOAL_SAMPLING = ("future", "geometric")
+REQUIRED = "???"  # the config loader refuses a run that leaves this value unset
+
+
+@dataclass
+class StateDataConfig:
+    """Where the demonstrations are and how windows are drawn from them."""
+
+    path: str = REQUIRED  # episode store (see datamodules/episodes.py), e.g. data/pointmaze-large.zarr
+    val_fraction: float = 0.05  # fraction of EPISODES held out for val/loss
+    batch_size: int = 256
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    goal_sampling: str = "future"  # "future": uniform over the rest of the episode; "geometric": near first
+    goal_geometric_p: float = 0.01  # success probability of the geometric offset (mean offset 1/p steps)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.goal_sampling not in GOAL_SAMPLING:
+            raise ValueError(f"data.goal_sampling must be one of {GOAL_SAMPLING}, got {self.goal_sampling!r}")
+        if not 0.0 < self.goal_geometric_p <= 1.0:
+            raise ValueError(f"data.goal_geometric_p must be in (0, 1], got {self.goal_geometric_p}")
+
+
+def window_starts(episode_ends: np.ndarray, episodes: np.ndarray, chunk_len: int) -> np.ndarray:
+    """Global start indices of every length-``chunk_len`` window inside the given episodes.
+
+    Returns an (N, 2) int64 array of (start, episode_end); start + chunk_len <= episode_end always.
+    """
+    begins = np.concatenate([[0], episode_ends[:-1]])
+    rows = []
+    for e in episodes:
+        b, end = int(begins[e]), int(episode_ends[e])
+        starts = np.arange(b, end - chunk_len + 1, dtype=np.int64)
+        rows.append(np.stack([starts, np.full_like(starts, end)], axis=1))
+    if not rows:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.concatenate(rows)
+
+
+class WindowDataset(Dataset):
+    """Windows (observation, hindsight goal, action chunk) over in-memory episode arrays."""
+
+    def __init__(
+        self,
+        observations: np.ndarray,  # (N, d_o) all episodes concatenated
+        actions: np.ndarray,  # (N, d_a)
+        windows: np.ndarray,  # (W, 2) (start, episode_end) from window_starts
+        chunk_len: int,
+        goal_indices: list[int] | None,
+        goal_sampling: str = "future",
+        goal_geometric_p: float = 0.01,
+    ) -> None:
+        self.observations = observations
+        self.actions = actions
+        self.windows = windows
+        self.chunk_len = chunk_len
+        self.goal_indices = None if goal_indices is None else np.asarray(goal_indices)
+        self.goal_sampling = goal_sampling
+        self.goal_geometric_p = goal_geometric_p
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def _goal_index(self, start: int, end: int) -> int:
+        # torch's RNG: DataLoader seeds it per worker, so workers draw different goals.
+        if self.goal_sampling == "future":
+            return int(torch.randint(start, end, ()).item())
+        offset = int(np.floor(np.log1p(-torch.rand(()).item()) / np.log1p(-self.goal_geometric_p)))
+        return min(start + offset, end - 1)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start, end = (int(v) for v in self.windows[i])
+        item = {
+            OBS: torch.from_numpy(self.observations[start]),
+            ACTION: torch.from_numpy(self.actions[start : start + self.chunk_len]),  # (L, d_a)
+        }
+        if self.goal_indices is not None:
+            g = self._goal_index(start, end)
+            item[GOAL] = torch.from_numpy(self.observations[g, self.goal_indices])
+        return item
+
+
+def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of episode indices into (train, val); val keeps at least one episode when asked for."""
+    order = np.random.default_rng(seed).permutation(num_episodes)
+    n_val = int(round(num_episodes * val_fraction))
+    if val_fraction > 0 and n_val == 0 and num_episodes > 1:
+        n_val = 1
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+class StateDataModule(L.LightningDataModule):
+    """Demonstration windows from an episode store of low-dimensional states."""
+
+    def __init__(self, cfg: StateDataConfig, chunk_len: int, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.chunk_len = chunk_len
+        self.seed = seed
+        self.store: EpisodeStore | None = None
+        self.stats: dict[str, np.ndarray] = {}
+        self.train_set: WindowDataset | None = None
+        self.val_set: WindowDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:  # idempotent: the app calls it before Trainer.fit does
+            return
+        store = EpisodeStore.open(self.cfg.path)
+        for key in (OBS, ACTION):
+            if key not in store.keys:
+                raise ValueError(f"{self.cfg.path}: episode store has no {key!r} array (has {store.keys})")
+        obs = store.load(OBS).astype(np.float32)
+        act = store.load(ACTION).astype(np.float32)
+        goal_indices = store.attrs.get("goal_indices")
+        ends = store.episode_ends
+        train_eps, val_eps = split_episodes(store.num_episodes, self.cfg.val_fraction, self.seed)
+        train_w = window_starts(ends, train_eps, self.chunk_len)
+        if len(train_w) == 0:
+            raise ValueError(
+                f"{self.cfg.path}: no training window of {self.chunk_len} steps fits in any episode; "
+                f"shorten policy.chunk_len or generate longer episodes"
+            )
+        kwargs = dict(
+            chunk_len=self.chunk_len,
+            goal_indices=goal_indices,
+            goal_sampling=self.cfg.goal_sampling,
+            goal_geometric_p=self.cfg.goal_geometric_p,
+        )
+        self.train_set = WindowDataset(obs, act, train_w, **kwargs)
+        self.val_set = WindowDataset(obs, act, window_starts(ends, val_eps, self.chunk_len), **kwargs)
+        self.store = store
+        self.stats = self._statistics(obs, act, ends, train_eps, goal_indices)
+
+    @staticmethod
+    def _statistics(obs, act, ends, train_eps, goal_indices) -> dict[str, np.ndarray]:
+        begins = np.concatenate([[0], ends[:-1]])
+        rows = np.concatenate([np.arange(begins[e], ends[e]) for e in train_eps])
+        o, a = obs[rows], act[rows]
+        stats = {
+            f"{OBS}_mean": o.mean(0),
+            f"{OBS}_std": o.std(0),
+            f"{ACTION}_min": a.min(0),
+            f"{ACTION}_max": a.max(0),
+        }
+        if goal_indices is not None:
+            # goals are relabelled observations, so their statistics are those of the goal dimensions
+            stats[f"{GOAL}_mean"] = o[:, goal_indices].mean(0)
+            stats[f"{GOAL}_std"] = o[:, goal_indices].std(0)
+        return stats
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.train_set.observations.shape[1])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.train_set.actions.shape[1])
+
+    @property
+    def goal_dim(self) -> int:
+        gi = self.train_set.goal_indices
+        return 0 if gi is None else len(gi)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,82 @@
+"""CSPModule: the LightningModule that pre-trains a CSPPolicy with context smoothing.
+
+It wraps the policy (it does not subclass it): the loss, the forward noising and sampling all live in
+``modules.nets.policy``, so the fine-tuning stage loads the very same class from the checkpoint with no
+Lightning import. This module adds what training needs: the optimizer, an EMA of the weights (used for
+validation, evaluation and export), and the policy's own checkpoint dict under ``"tmrl_policy"`` inside
+every Lightning checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+
+from modules.nets.policy import LIGHTNING_KEY, CSPPolicy
+
+POLICY_CKPT_KEY = LIGHTNING_KEY  # the bare policy class looks for its checkpoint here
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, gradient clipping and EMA settings."""
+
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.999  # 0 disables the EMA (the EMA copy then tracks the weights exactly)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+class CSPModule(L.LightningModule):
+    """Pre-trains ``policy`` on demonstration windows; ``ema`` is the copy used for evaluation."""
+
+    def __init__(self, policy: CSPPolicy, optim: OptimConfig) -> None:
+        super().__init__()
+        self.policy = policy
+        self.optim = optim
+        self.ema = copy.deepcopy(policy).requires_grad_(False).eval()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.policy.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["action"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # fixed noise per batch index, so val/loss moves only when the (EMA) weights do
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_idx)
+            loss = self.ema.loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["action"]))
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, *args) -> None:
+        ema_params = list(self.ema.parameters())
+        params = [p.detach() for p in self.policy.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.optim.ema_decay)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.policy.parameters(),
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+            betas=tuple(self.optim.betas),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the bare policy class reads this key: no Lightning needed to load a pre-trained policy
+        checkpoint[POLICY_CKPT_KEY] = self.ema.to_checkpoint()

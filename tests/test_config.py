@@ -1,0 +1,417 @@
+"""The config loader: precedence, typing, every documented error, and the YAML round trip."""
+
+import math
+import textwrap
+from dataclasses import dataclass, field
+
+import pytest
+
+from app.config import MISSING_VALUE, ConfigError, flatten, load_config, to_dict, to_yaml
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class Trainer:
+    max_steps: int = 100
+    # A default that differs from Optim's own: partial YAML must merge onto THIS, not onto Optim().
+    optim: Optim = field(default_factory=lambda: Optim(lr=3e-4))
+    run_name: str | None = None
+
+
+@dataclass
+class Encoder:
+    width: int = 32
+    kind: str = "mlp"
+
+
+@dataclass
+class Root:
+    seed: int  # required: no default
+    task: str = MISSING_VALUE  # required the omegaconf way
+    trainer: Trainer = field(default_factory=Trainer)
+    encoder: Encoder | None = None
+    use_ema: bool = False
+    milestones: list[int] = field(default_factory=lambda: [10, 20])
+    tags: list[str] = field(default_factory=list)
+    limit: float | None = None
+
+
+@dataclass
+class Quoted:
+    """String annotations, as written under ``from __future__ import annotations``."""
+
+    n: "int" = 1
+    enc: "Encoder | None" = None
+
+
+def write(tmp_path, text: str, name: str = "cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    return str(info.value)
+
+
+REQUIRED = ["seed=0", "task=reach"]
+
+
+# ------------------------------------------------------------------------------ values and precedence
+
+
+def test_overrides_beat_yaml_which_beats_defaults(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: push\ntrainer:\n  max_steps: 50\n  run_name: from_yaml\n")
+    cfg = load_config(Root, path, ["trainer.max_steps=7", "seed=2", "seed=3"])
+    assert cfg.seed == 3  # the later of two overrides wins
+    assert cfg.trainer.max_steps == 7
+    assert cfg.trainer.run_name == "from_yaml"
+    assert cfg.task == "push"
+    assert cfg.use_ema is False and cfg.milestones == [10, 20]  # schema defaults
+
+
+def test_values_are_typed(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: reach\ntrainer:\n  optim:\n    lr: 1e-3\n")
+    cfg = load_config(Root, path, ["use_ema=true", "trainer.optim.betas=[0,0.5,1]", "milestones=[1, 2]"])
+    # PyYAML alone reads '1e-3' as a string; the loader converts by the field's type.
+    assert cfg.trainer.optim.lr == 1e-3 and type(cfg.trainer.optim.lr) is float
+    assert cfg.use_ema is True
+    assert cfg.trainer.optim.betas == [0.0, 0.5, 1.0]
+    assert all(type(b) is float for b in cfg.trainer.optim.betas)
+    assert cfg.milestones == [1, 2] and all(type(m) is int for m in cfg.milestones)
+    cfg = load_config(Root, None, ["seed=3", "task=x", "trainer.optim.lr=1e-2", "trainer.max_steps=1e6"])
+    assert type(cfg.seed) is int and cfg.seed == 3
+    assert cfg.trainer.optim.lr == 0.01
+    assert cfg.trainer.max_steps == 1_000_000 and type(cfg.trainer.max_steps) is int
+
+
+def test_str_fields_keep_the_text_as_written(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: 3\ntrainer:\n  run_name: yes\ntags: [a, 1.10, on]\n")
+    cfg = load_config(Root, path)
+    assert cfg.task == "3" and cfg.trainer.run_name == "yes" and cfg.tags == ["a", "1.10", "on"]
+    cfg = load_config(Root, path, ["task=007", "trainer.run_name=lr: 3", "tags=[x, 'y z']"])
+    assert cfg.task == "007"
+    assert cfg.trainer.run_name == "lr: 3"  # not YAML-parsed into a mapping for a str field
+    assert cfg.tags == ["x", "y z"]
+
+
+def test_optional_values_take_null(tmp_path):
+    cfg = load_config(Root, write(tmp_path, "seed: 1\ntask: a\nlimit: 2\ntrainer: {run_name: ~}\n"))
+    assert cfg.limit == 2.0 and cfg.trainer.run_name is None
+    assert load_config(Root, None, [*REQUIRED, "limit=null"]).limit is None
+
+
+def test_returns_real_dataclass_instances(tmp_path):
+    cfg = load_config(Root, None, REQUIRED)
+    assert type(cfg) is Root and type(cfg.trainer) is Trainer and type(cfg.trainer.optim) is Optim
+    assert type(cfg.trainer.optim.betas) is list
+    # Each load gets its own lists: mutating one config must not leak into the next.
+    cfg.trainer.optim.betas.append(5.0)
+    assert load_config(Root, None, REQUIRED).trainer.optim.betas == [0.9, 0.999]
+
+
+def test_partial_section_merges_onto_the_fields_default(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer:\n  optim:\n    betas: [0.5, 0.6]\n")
+    cfg = load_config(Root, path)
+    assert cfg.trainer.optim.lr == 3e-4  # Trainer's default Optim, not Optim's class default 1e-3
+    assert cfg.trainer.optim.betas == [0.5, 0.6]
+
+
+def test_optional_section_is_created_by_setting_a_key(tmp_path):
+    assert load_config(Root, None, REQUIRED).encoder is None
+    cfg = load_config(Root, None, [*REQUIRED, "encoder.width=64"])
+    assert cfg.encoder == Encoder(width=64, kind="mlp")
+    path = write(tmp_path, "seed: 1\ntask: a\nencoder: {kind: pointnet}\n")
+    assert load_config(Root, path).encoder == Encoder(width=32, kind="pointnet")
+    assert load_config(Root, path, ["encoder=null"]).encoder is None
+
+
+@dataclass(frozen=True)
+class Grid:
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class WithSharedDefault:
+    grid: Grid = Grid()  # one instance on the class, shared unless the loader copies it
+
+
+def test_class_level_default_instance_is_not_shared():
+    first = load_config(WithSharedDefault)
+    first.grid.sizes.append(3)
+    assert load_config(WithSharedDefault).grid.sizes == [1, 2]
+    assert WithSharedDefault.grid.sizes == [1, 2]
+
+
+def test_string_annotations_are_resolved():
+    cfg = load_config(Quoted, None, ["n=4", "enc.width=8"])
+    assert cfg == Quoted(n=4, enc=Encoder(width=8))
+
+
+def test_empty_yaml_file_means_defaults(tmp_path):
+    path = write(tmp_path, "# nothing set here\n")
+    assert load_config(Root, path, REQUIRED) == load_config(Root, None, REQUIRED)
+
+
+# ------------------------------------------------------------------------------------ file errors
+
+
+def test_missing_file_is_named(tmp_path):
+    path = tmp_path / "configs" / "nope.yaml"
+    assert error_of(Root, path) == f"config file not found: '{path}'"
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "seed: 1\ntrainer:\n  max_steps: 5\n bad: [1, 2\n")
+    message = error_of(Root, path)
+    assert message.startswith(f"{path}:4:") and "invalid YAML" in message
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = write(tmp_path, "- seed\n- 1\n")
+    assert error_of(Root, path) == (
+        f"{path}: the top level must be a mapping of settings (key: value lines), got ['seed', '1']"
+    )
+
+
+def test_duplicate_key_is_refused(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\nseed: 2\n")
+    assert error_of(Root, path) == f"{path}:3: duplicate key 'seed' (first set at {path}:1)"
+
+
+# ----------------------------------------------------------------------------------- unknown keys
+
+
+def test_unknown_nested_yaml_key_names_file_line_key_and_suggestion(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer:\n  max_stesp: 5\n")
+    assert error_of(Root, path) == (
+        f"{path}:4: unknown key 'trainer.max_stesp'; did you mean 'trainer.max_steps'? "
+        "(valid keys under 'trainer': max_steps, optim, run_name)"
+    )
+
+
+def test_unknown_override_key_is_named_as_the_override():
+    message = error_of(Root, None, [*REQUIRED, "trainer.max_stesp=5"])
+    assert message == (
+        "command-line override 'trainer.max_stesp=5': unknown key 'trainer.max_stesp'; "
+        "did you mean 'trainer.max_steps'? (valid keys under 'trainer': max_steps, optim, run_name)"
+    )
+
+
+def test_unknown_key_at_the_wrong_level_suggests_its_full_path():
+    message = error_of(Root, None, [*REQUIRED, "max_steps=5"])
+    assert "unknown key 'max_steps'; did you mean 'trainer.max_steps'?" in message
+    assert "(valid top-level keys: seed, task, trainer, encoder, use_ema, milestones, tags, limit)" in message
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\nencoder: {zzz: 1}\n")
+    expected = f"{path}:3: unknown key 'encoder.zzz' (valid keys under 'encoder': width, kind)"
+    assert error_of(Root, path) == expected
+
+
+def test_key_below_a_single_value_is_unknown():
+    message = error_of(Root, None, [*REQUIRED, "seed.x=1"])
+    assert message == (
+        "command-line override 'seed.x=1': unknown key 'seed.x': 'seed' is a single value (int), "
+        "not a section with keys"
+    )
+
+
+# ------------------------------------------------------------------------------------ wrong types
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_steps=abc", "wrong type for 'trainer.max_steps': expected int, got 'abc'"),
+        ("trainer.max_steps=2.5", "wrong type for 'trainer.max_steps': expected int, got '2.5'"),
+        ("trainer.max_steps=true", "wrong type for 'trainer.max_steps': expected int, got 'true'"),
+        ("use_ema=1", "wrong type for 'use_ema': expected bool, got '1'"),
+        ("limit=fast", "wrong type for 'limit': expected float | None, got 'fast'"),
+        ("trainer.max_steps=null", "wrong type for 'trainer.max_steps': expected int, got null"),
+        (
+            "trainer.optim.betas=abc",
+            "wrong type for 'trainer.optim.betas': expected list[float], got 'abc' "
+            "(a list is written [a, b, c])",
+        ),
+        (
+            "trainer.optim.betas=[0.9, x]",
+            "wrong type for 'trainer.optim.betas': expected list[float], got ['0.9', 'x']: "
+            "item 1: expected float, got 'x'",
+        ),
+        (
+            "trainer=5",
+            "wrong type for 'trainer': expected a mapping of Trainer settings "
+            "(keys: max_steps, optim, run_name), got '5'",
+        ),
+        ("milestones=[1, 2", "value '[1, 2' is not valid YAML"),
+    ],
+)
+def test_wrong_override_type_names_source_key_type_and_value(override, expected):
+    message = error_of(Root, None, [*REQUIRED, override])
+    assert message.startswith(f"command-line override {override!r}: ")
+    assert expected in message
+
+
+def test_mapping_where_a_scalar_is_expected_in_yaml(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer:\n  max_steps:\n    a: 1\n")
+    assert error_of(Root, path) == (
+        f"{path}:5: wrong type for 'trainer.max_steps': expected int, got {{'a': '1'}}"
+    )
+
+
+def test_quoted_string_for_a_list_in_yaml(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer: {optim: {betas: '0.9, 0.99'}}\n")
+    message = error_of(Root, path)
+    assert message.startswith(f"{path}:3: wrong type for 'trainer.optim.betas': expected list[float]")
+    assert "got '0.9, 0.99'" in message
+
+
+# ------------------------------------------------------------------------------- required values
+
+
+def test_all_missing_required_values_are_listed_at_once():
+    message = error_of(Root)
+    assert message == (
+        "2 problems in the configuration:\n"
+        "  - required value 'seed' (int) is not set: set it in a YAML config file "
+        "or on the command line as 'seed=...'\n"
+        "  - required value 'task' (str) is not set: set it in a YAML config file "
+        "or on the command line as 'task=...'"
+    )
+
+
+def test_missing_value_names_the_yaml_file_and_plain_question_marks_unset(tmp_path):
+    path = write(tmp_path, "seed: ???\ntask: a\n")
+    assert error_of(Root, path) == (
+        f"required value 'seed' (int) is not set: set it in {path} or on the command line as 'seed=...'"
+    )
+    assert load_config(Root, path, ["seed=4"]).seed == 4
+
+
+def test_quoted_question_marks_are_a_plain_string(tmp_path):
+    assert load_config(Root, write(tmp_path, "seed: 1\ntask: '???'\n")).task == "???"
+
+
+def test_problems_from_file_overrides_and_missing_values_come_together(tmp_path):
+    path = write(tmp_path, "task: a\nuse_ema: maybe\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Root, path, ["trainer.max_stesp=1", "oops"])
+    problems = info.value.problems
+    assert len(problems) == 4
+    assert problems[0].startswith(f"{path}:2: wrong type for 'use_ema'")
+    assert problems[1].startswith("command-line override 'trainer.max_stesp=1': unknown key")
+    assert problems[2] == "command-line override 'oops': expected the form key=value, e.g. 'seed=...'"
+    assert problems[3].startswith("required value 'seed' (int) is not set")
+    assert str(info.value).startswith("4 problems in the configuration:\n  - ")
+
+
+def test_override_without_equals_shows_the_form():
+    message = error_of(Root, None, [*REQUIRED, "trainer.max_steps"])
+    assert message == (
+        "command-line override 'trainer.max_steps': expected the form key=value, e.g. 'trainer.max_steps=...'"
+    )
+
+
+# ------------------------------------------------------------------------------ schema validation
+
+
+def test_post_init_error_keeps_message_and_adds_source(tmp_path):
+    message = error_of(Root, None, [*REQUIRED, "trainer.optim.lr=-1"])
+    assert message == (
+        "invalid settings in 'trainer.optim' (set from command-line override 'trainer.optim.lr=-1'): "
+        "lr must be > 0, got -1.0"
+    )
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer: {optim: {lr: 0}}\n")
+    with pytest.raises(ValueError) as info:  # ConfigError is a ValueError, so callers may catch either
+        load_config(Root, path)
+    assert str(info.value).startswith(f"invalid settings in 'trainer.optim' (set from {path}): lr must")
+
+
+@dataclass
+class CrossChecked:
+    min_width: int = 0
+    encoder: Encoder = field(default_factory=Encoder)
+
+    def __post_init__(self) -> None:
+        if self.encoder.width < self.min_width:
+            raise ValueError("encoder.width must be >= min_width")
+
+
+def test_root_post_init_error_names_every_source_below_it(tmp_path):
+    path = write(tmp_path, "encoder:\n  width: 4\n  kind: mlp\n")
+    assert error_of(CrossChecked, path, ["min_width=8"]) == (
+        f"invalid settings in the configuration (set from command-line override 'min_width=8', {path}): "
+        "encoder.width must be >= min_width"
+    )
+
+
+def test_schema_bugs_are_type_errors():
+    @dataclass
+    class Bad:
+        table: dict[str, int] = field(default_factory=dict)
+
+    with pytest.raises(TypeError, match="field 'table' has unsupported type"):
+        load_config(Bad)
+    with pytest.raises(TypeError, match="needs a dataclass type"):
+        load_config(Root(seed=1, task="a"))
+    with pytest.raises(TypeError, match="sequence of 'key=value' strings"):
+        load_config(Root, None, "seed=1")
+
+
+# -------------------------------------------------------------------------------------- exporting
+
+
+def test_yaml_round_trip_gives_an_equal_config(tmp_path):
+    text = "seed: 5\ntask: '???'\ntrainer:\n  run_name: 'yes'\n  optim: {lr: 1e-7}\ntags: ['3', '', null2]\n"
+    cfg = load_config(Root, write(tmp_path, text), ["encoder.kind=pointnet", "limit=.inf"])
+    again = load_config(Root, write(tmp_path, to_yaml(cfg), "saved.yaml"))
+    assert again == cfg
+    assert math.isinf(again.limit) and again.tags == ["3", "", "null2"] and again.task == "???"
+
+
+def test_to_yaml_writes_readable_yaml():
+    cfg = load_config(Root, None, REQUIRED)
+    assert to_yaml(cfg).splitlines()[:8] == [
+        "seed: 0",
+        "task: reach",
+        "trainer:",
+        "  max_steps: 100",
+        "  optim:",
+        "    lr: 0.0003",
+        "    betas: [0.9, 0.999]",
+        "  run_name: null",
+    ]
+
+
+def test_to_dict_and_flatten():
+    cfg = load_config(Root, None, [*REQUIRED, "encoder.width=8", "tags=[a, b]"])
+    plain = to_dict(cfg)
+    assert plain["trainer"]["optim"] == {"lr": 3e-4, "betas": [0.9, 0.999]}
+    assert type(plain["trainer"]) is dict
+    assert flatten(cfg) == {
+        "seed": 0,
+        "task": "reach",
+        "trainer.max_steps": 100,
+        "trainer.optim.lr": 3e-4,
+        "trainer.optim.betas": "[0.9, 0.999]",
+        "trainer.run_name": None,
+        "encoder.width": 8,
+        "encoder.kind": "mlp",
+        "use_ema": False,
+        "milestones": "[10, 20]",
+        "tags": "['a', 'b']",
+        "limit": None,
+    }
