@@ -48,7 +48,7 @@ class CSPModule(L.LightningModule):
         super().__init__()
         self.policy = policy
         self.optim = optim
-        self.ema = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.ema = copy.deepcopy(policy).requires_grad_(False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.policy.loss(batch)
