@@ -51,11 +51,20 @@ def metric_name(sigma: float) -> str:
     return f"eval/success_sigma_{sigma:g}"
 
 
+@dataclass
+class Rollouts:
+    """What one sigma's evaluation episodes did (episodes ordered task-major)."""
+
+    success: np.ndarray  # (NUM_TASKS, episodes_per_task) bool
+    paths: list[np.ndarray]  # per episode, (T_i, 2) xy positions visited
+    goals: np.ndarray  # (NUM_TASKS * episodes_per_task, 2)
+
+
 @torch.no_grad()
 def rollout_tasks(
     policy: CSPPolicy, env_name: str, sigma: float, cfg: EvalConfig, progress: bool = False
-) -> np.ndarray:
-    """Success (0/1) of each episode, shape (NUM_TASKS, episodes_per_task), with a fixed seeded set."""
+) -> Rollouts:
+    """Roll out the fixed, seeded evaluation episodes (every task, episodes_per_task each) at sigma."""
     if cfg.exec_horizon > policy.cfg.chunk_len:
         raise ValueError(
             f"eval.exec_horizon={cfg.exec_horizon} exceeds policy chunk_len={policy.cfg.chunk_len}"
@@ -70,6 +79,7 @@ def rollout_tasks(
         obs.append(ob)
         goals.append(info["goal"])
     obs, goals = np.asarray(obs, np.float32), np.asarray(goals, np.float32)
+    paths = [[ob.copy()] for ob in obs]
     live = np.ones(len(pairs), bool)
     success = np.zeros(len(pairs), bool)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -87,6 +97,7 @@ def rollout_tasks(
             for action in chunk[row]:
                 ob, _, terminated, truncated, info = envs[k].step(action)
                 obs[k] = ob
+                paths[k].append(ob[:2].copy())
                 if terminated or truncated:
                     success[k] = bool(info.get("success", 0.0))
                     live[k] = False
@@ -95,24 +106,30 @@ def rollout_tasks(
     bar.close()
     for env in envs:
         env.close()
-    return success.reshape(NUM_TASKS, cfg.episodes_per_task)
+    return Rollouts(success.reshape(NUM_TASKS, cfg.episodes_per_task), [np.asarray(p) for p in paths], goals)
 
 
 def evaluate_zero_shot(
     policy: CSPPolicy, env_name: str, cfg: EvalConfig, progress: bool = True
-) -> dict[float, np.ndarray]:
-    """Per-sigma success arrays (NUM_TASKS, episodes_per_task) of the policy on the env's tasks."""
+) -> dict[float, Rollouts]:
+    """Per-sigma rollouts of the policy on the env's evaluation tasks."""
     policy.eval()
     return {s: rollout_tasks(policy, env_name, s, cfg, progress) for s in cfg.sigmas}
 
 
-def plot_success(results: dict[float, np.ndarray], env_name: str, path: str | Path) -> Path:
-    """Bar plot: success rate per evaluation task, one group of bars per sigma."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display on training machines
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_success(results: dict[float, Rollouts], env_name: str, path: str | Path) -> Path:
+    """Bar plot: success rate per evaluation task, one group of bars per sigma."""
+    plt = _pyplot()
+    results = {s: r.success for s, r in results.items()}
     sigmas = sorted(results)
     width = 0.8 / len(sigmas)
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -128,5 +145,40 @@ def plot_success(results: dict[float, np.ndarray], env_name: str, path: str | Pa
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_paths(results: dict[float, Rollouts], env_name: str, path: str | Path) -> Path:
+    """The maze from above, one panel per sigma: each episode's path (colour = task), goals as stars."""
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    maze = make_maze_env(env_name).unwrapped
+    unit = float(maze._maze_unit)
+    walls = np.argwhere(np.asarray(maze.maze_map) == 1)
+    sigmas = sorted(results)
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.2 * len(sigmas), 3.6), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, s in zip(axes[0], sigmas, strict=True):
+        r = results[s]
+        for i, j in walls:
+            x, y = maze.ij_to_xy((i, j))
+            ax.add_patch(Rectangle((x - unit / 2, y - unit / 2), unit, unit, color="0.75", lw=0))
+        per_task = len(r.paths) // NUM_TASKS
+        for k, (xy, goal) in enumerate(zip(r.paths, r.goals, strict=True)):
+            c = colors(k // per_task)
+            ax.plot(xy[:, 0], xy[:, 1], color=c, lw=0.8, alpha=0.8)
+            ax.plot(*xy[0], "o", color=c, ms=3)
+            ax.plot(*goal, "*", color=c, ms=10, mec="k", mew=0.5)
+        ax.set_title(f"sigma={s:g}: success {r.success.mean():.0%}")
+        ax.set_aspect("equal")
+        ax.autoscale_view()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"CSP zero-shot paths on {env_name} (o start, * goal, colour = task)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

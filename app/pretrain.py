@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from app import tracking
 from app.config import flatten, to_yaml
 from app.demos import generate_maze_demos
-from app.evaluate import evaluate_zero_shot, metric_name, plot_success
+from app.evaluate import evaluate_zero_shot, metric_name, plot_paths, plot_success
 from app.schema import DemoConfig, FitConfig
 from datamodules.episodes import EpisodeStore
 from datamodules.state import StateDataConfig, StateDataModule
@@ -179,12 +179,16 @@ def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store
     env_name = cfg.eval.env or store.attrs.get("env") or cfg.demos.env
     results = evaluate_zero_shot(policy, env_name, cfg.eval, progress=cfg.trainer.progress_bar)
     step = module.global_step
-    for sigma, success in results.items():
+    for sigma, rollouts in results.items():
+        success = rollouts.success
         client.log_metric(run_id, metric_name(sigma), float(success.mean()), step=step)
         print(
             f"[tmrl] zero-shot {env_name} sigma={sigma:g}: success {success.mean():.1%} "
             f"(per task {', '.join(f'{v:.0%}' for v in success.mean(axis=1))})"
         )
     with tempfile.TemporaryDirectory() as tmp:
-        plot = plot_success(results, env_name, Path(tmp) / "zero_shot_success.png")
-        client.log_artifact(run_id, str(plot), "plots")
+        for plot in (
+            plot_success(results, env_name, Path(tmp) / "zero_shot_success.png"),
+            plot_paths(results, env_name, Path(tmp) / "zero_shot_paths.png"),
+        ):
+            client.log_artifact(run_id, str(plot), "plots")

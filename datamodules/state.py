@@ -5,6 +5,10 @@ cross an episode boundary. Goals are relabelled from a future observation of the
 onto the environment's goal dimensions (the store's ``goal_indices`` attribute), so a relabelled goal lives
 in the same space and units as the goal the environment hands out at test time.
 
+With ``goal_sampling="segment"`` the future state is drawn from the rest of the expert's current
+segment (the steps it spent heading for one goal): noisy-expert "navigate" data wander between goals, and
+a goal from a later segment labels the current action with a detour.
+
 Normalization statistics are computed once, from the training episodes, and handed to the policy, which
 keeps them as buffers (they travel with its checkpoint). Episodes, not windows, are split into train and
 validation so no validation window shares an episode with a training one.
@@ -22,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.episodes import EpisodeStore
 from modules.nets.keys import ACTION, GOAL, OBS
 
-GOAL_SAMPLING = ("future", "geometric")
+GOAL_SAMPLING = ("future", "geometric", "segment")
+SEGMENT_KEY = "expert_goal"  # per-step goal of the scripted expert; marks the episode's segments
 REQUIRED = "???"  # the config loader refuses a run that leaves this value unset
 
 
@@ -34,7 +39,10 @@ class StateDataConfig:
     val_fraction: float = 0.05  # fraction of EPISODES held out for val/loss
     batch_size: int = 256
     num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
-    goal_sampling: str = "future"  # "future": uniform over the rest of the episode; "geometric": near first
+    # "future": uniform over the rest of the episode; "geometric": near states first; "segment": uniform
+    # over the rest of the expert's current segment (needs the store's expert_goal key), where every
+    # later state lies on a shortest path from the current one, so the demonstrated action fits the goal
+    goal_sampling: str = "future"
     goal_geometric_p: float = 0.01  # success probability of the geometric offset (mean offset 1/p steps)
 
     def __post_init__(self) -> None:
@@ -53,7 +61,8 @@ class StateDataConfig:
 def window_starts(episode_ends: np.ndarray, episodes: np.ndarray, chunk_len: int) -> np.ndarray:
     """Global start indices of every length-``chunk_len`` window inside the given episodes.
 
-    Returns an (N, 2) int64 array of (start, episode_end); start + chunk_len <= episode_end always.
+    Returns an (N, 2) int64 array of (start, goal_end), goal_end = episode end (exclusive): the range
+    hindsight goals are drawn from; start + chunk_len <= episode end always.
     """
     begins = np.concatenate([[0], episode_ends[:-1]])
     rows = []
@@ -73,7 +82,7 @@ class WindowDataset(Dataset):
         self,
         observations: np.ndarray,  # (N, d_o) all episodes concatenated
         actions: np.ndarray,  # (N, d_a)
-        windows: np.ndarray,  # (W, 2) (start, episode_end) from window_starts
+        windows: np.ndarray,  # (W, 2) (start, goal_end) from window_starts
         chunk_len: int,
         goal_indices: list[int] | None,
         goal_sampling: str = "future",
@@ -92,7 +101,7 @@ class WindowDataset(Dataset):
 
     def _goal_index(self, start: int, end: int) -> int:
         # torch's RNG: DataLoader seeds it per worker, so workers draw different goals.
-        if self.goal_sampling == "future":
+        if self.goal_sampling in ("future", "segment"):  # uniform over [start, goal_end)
             return int(torch.randint(start, end, ()).item())
         offset = int(np.floor(np.log1p(-torch.rand(()).item()) / np.log1p(-self.goal_geometric_p)))
         return min(start + offset, end - 1)
@@ -107,6 +116,18 @@ class WindowDataset(Dataset):
             g = self._goal_index(start, end)
             item[GOAL] = torch.from_numpy(self.observations[g, self.goal_indices])
         return item
+
+
+def segment_ends(episode_ends: np.ndarray, segment_key: np.ndarray) -> np.ndarray:
+    """(N,) exclusive end of the segment each step belongs to; a segment is a run of equal
+    ``segment_key`` rows inside one episode."""
+    n = len(segment_key)
+    first = np.ones(n, dtype=bool)  # True at the first step of every segment
+    first[1:] = np.any(segment_key[1:] != segment_key[:-1], axis=1)
+    first[np.concatenate([[0], episode_ends[:-1]])] = True
+    starts = np.flatnonzero(first)
+    ends_of_segment = np.append(starts[1:], n)
+    return ends_of_segment[np.cumsum(first) - 1]
 
 
 def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +165,15 @@ class StateDataModule(L.LightningDataModule):
         ends = store.episode_ends
         train_eps, val_eps = split_episodes(store.num_episodes, self.cfg.val_fraction, self.seed)
         train_w = window_starts(ends, train_eps, self.chunk_len)
+        val_w = window_starts(ends, val_eps, self.chunk_len)
+        if self.cfg.goal_sampling == "segment":
+            if SEGMENT_KEY not in store.keys:
+                raise ValueError(
+                    f"{self.cfg.path}: data.goal_sampling=segment needs the {SEGMENT_KEY!r} key, which this "
+                    f"store lacks (keys {store.keys}); regenerate it with `tmrl demos` or use future/geometric"
+                )
+            seg_end = segment_ends(ends, store.load(SEGMENT_KEY))
+            train_w[:, 1], val_w[:, 1] = seg_end[train_w[:, 0]], seg_end[val_w[:, 0]]
         if len(train_w) == 0:
             raise ValueError(
                 f"{self.cfg.path}: no training window of {self.chunk_len} steps fits in any episode; "
@@ -156,7 +186,7 @@ class StateDataModule(L.LightningDataModule):
             goal_geometric_p=self.cfg.goal_geometric_p,
         )
         self.train_set = WindowDataset(obs, act, train_w, **kwargs)
-        self.val_set = WindowDataset(obs, act, window_starts(ends, val_eps, self.chunk_len), **kwargs)
+        self.val_set = WindowDataset(obs, act, val_w, **kwargs)
         self.store = store
         self.stats = self._statistics(obs, act, ends, train_eps, goal_indices)
 

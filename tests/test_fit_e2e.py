@@ -58,6 +58,7 @@ def test_fit_tracks_everything_in_one_run(tmp_path, mlflow_uri, capsys):
         "checkpoints/best.ckpt",
         "checkpoints/policy.pt",
         "plots/zero_shot_success.png",
+        "plots/zero_shot_paths.png",
     } <= files
 
     # the logged config is the resolved one and loads back to the same typed config

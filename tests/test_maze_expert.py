@@ -102,7 +102,7 @@ def test_rollout_shapes_bounds_goals_and_global_rng_untouched(large_env) -> None
     episode = rollout_expert(large_env, expert, 600, np.random.default_rng(1))
     np.testing.assert_array_equal(np.random.get_state()[1], before)  # OGBench's global-RNG use is sandboxed
 
-    assert sorted(episode) == ["action", "observation"]
+    assert sorted(episode) == ["action", "expert_goal", "observation"]
     assert episode["observation"].shape == (600, 2) and episode["observation"].dtype == np.float32
     assert episode["action"].shape == (600, 2) and episode["action"].dtype == np.float32
     assert np.all(np.abs(episode["action"]) <= 1.0)

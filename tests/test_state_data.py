@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.state import StateDataConfig, StateDataModule, split_episodes, window_starts
+from datamodules.state import (
+    StateDataConfig,
+    StateDataModule,
+    segment_ends,
+    split_episodes,
+    window_starts,
+)
 from modules.nets.keys import ACTION, GOAL, OBS
+from tests.conftest import make_episodes
 
 
 def make_dm(store, chunk_len=8, **kw) -> StateDataModule:
@@ -54,6 +61,33 @@ def test_geometric_goals_are_near(synthetic_store):
         dm.train_set[i][GOAL][1].item() - dm.train_set[i][OBS][1].item() for i in range(len(dm.train_set))
     ]
     assert min(offsets) >= 0 and np.mean(offsets) < 3  # mean offset of Geometric(0.5) - 1 is 1
+
+
+def test_segment_ends_split_at_goal_changes_and_episode_ends():
+    key = np.array([[0, 0], [0, 0], [1, 1], [1, 1], [1, 1], [2, 2], [2, 2]], dtype=np.float32)
+    # two episodes: steps 0..3 and 4..6; the goal (1, 1) spans the episode boundary but segments do not
+    np.testing.assert_array_equal(segment_ends(np.array([4, 7]), key), [2, 2, 4, 4, 5, 7, 7])
+
+
+def test_segment_goals_stay_inside_the_current_segment(tmp_path):
+    from datamodules.episodes import write_episodes
+
+    episodes = make_episodes([30, 20], obs_dim=2)
+    for ep in episodes:  # the expert switches goal every 7 steps
+        ep["expert_goal"] = np.repeat(np.arange(len(ep["action"])) // 7, 2).reshape(-1, 2).astype(np.float32)
+    store = write_episodes(tmp_path / "seg.zarr", episodes, {"goal_indices": [0, 1]})
+    dm = make_dm(store, chunk_len=4, val_fraction=0.0, goal_sampling="segment")
+    torch.manual_seed(0)
+    for _ in range(3):
+        for i in range(len(dm.train_set)):
+            item = dm.train_set[i]
+            step, goal_step = item[OBS][1].item(), item[GOAL][1].item()
+            assert item[GOAL][0] == item[OBS][0] and step // 7 == goal_step // 7 and goal_step >= step
+
+
+def test_segment_sampling_without_expert_goals_is_refused(synthetic_store):
+    with pytest.raises(ValueError, match="expert_goal"):
+        make_dm(synthetic_store, goal_sampling="segment")
 
 
 def test_split_is_by_episode_and_disjoint(synthetic_store):

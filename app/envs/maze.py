@@ -269,8 +269,10 @@ def rollout_expert(
     with a new goal every time one is reached); the env is reset only at the start.
 
     Returns:
-        ``{"observation": (T, obs_dim) float32, "action": (T, 2) float32}``: the observation at which each
-        action was taken, and that action.
+        ``{"observation": (T, obs_dim) float32, "action": (T, 2) float32, "expert_goal": (T, 2) float32}``:
+        the observation at which each action was taken, that action, and the goal the expert was heading
+        for. The last marks the episode's segments (one per goal), within which every later state lies on
+        a shortest path from every earlier one: what segment-limited hindsight relabelling relies on.
     """
     if length <= 0:
         raise ValueError(f"rollout_expert: length must be > 0, got {length}")
@@ -290,11 +292,12 @@ def rollout_expert(
         ob, _ = env.reset(seed=int(rng.integers(2**31)), options=dict(task_info=task_info, render_goal=False))
         obs = np.empty((length, *np.shape(ob)), dtype=np.float32)  # (T, obs_dim)
         actions = np.empty((length, 2), dtype=np.float32)  # (T, 2)
+        goals = np.empty((length, 2), dtype=np.float32)  # (T, 2)
         for t in range(length):
             action = expert.act(ob[list(GOAL_INDICES)])
-            obs[t], actions[t] = ob, action
+            obs[t], actions[t], goals[t] = ob, action, expert.goal_xy
             ob, *_ = env.step(action)
-    return {"observation": obs, "action": actions}
+    return {"observation": obs, "action": actions, "expert_goal": goals}
 
 
 def run_expert_task(
