@@ -1,7 +1,8 @@
-"""The `tmrl` command: fit | demos | bench | ui.
+"""The `tmrl` command: fit | eval | demos | bench | ui.
 
     tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
     tmrl fit --config configs/csp_state.yaml --print-config
+    tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
     tmrl bench pretrain --config configs/csp_state.yaml
     tmrl ui --port 5000
@@ -52,6 +53,30 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"run_id={run_id}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from app import tracking
+    from app.evaluate import evaluate_zero_shot, plot_paths, plot_success, summary
+    from app.schema import FitConfig
+    from modules.nets.policy import CSPPolicy
+
+    uri = tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tracking.fetch_pretrain_run(uri, args.from_run, tmp)
+        cfg = load_config(FitConfig, files["config"], args.overrides)
+        policy = CSPPolicy.load(files["policy"])
+    env_name = cfg.eval.env or cfg.demos.env
+    results = evaluate_zero_shot(policy, env_name, cfg.eval)
+    out = Path(args.out or Path(cfg.output_dir) / args.from_run / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_success(results, env_name, out / "zero_shot_success.png")
+    plot_paths(results, env_name, out / "zero_shot_paths.png")
+    for line in summary(results, env_name):
+        print(line)
+    print(f"[tmrl] plots in {out}")
+
+
 def cmd_demos(args: argparse.Namespace) -> None:
     from app.demos import generate_maze_demos
     from app.envs.maze import ExpertConfig
@@ -100,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="pre-train a CSP policy (generates demonstrations if missing)")
     _add_config_args(p, default=None)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")
+    p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--out", default=None, help="where plots go (default: <output_dir>/<run_id>/eval)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.episodes_per_task=10")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demos", help="generate scripted-expert demonstrations into an episode store")
     p.add_argument("--env", default="pointmaze-large", help="pointmaze-{medium,large,giant,teleport}")

@@ -117,6 +117,18 @@ def evaluate_zero_shot(
     return {s: rollout_tasks(policy, env_name, s, cfg, progress) for s in cfg.sigmas}
 
 
+def summary(results: dict[float, Rollouts], env_name: str) -> list[str]:
+    """One printable line per sigma: overall and per-task success."""
+    lines = []
+    for sigma, r in results.items():
+        per_task = ", ".join(f"{v:.0%}" for v in r.success.mean(axis=1))
+        lines.append(
+            f"[tmrl] zero-shot {env_name} sigma={sigma:g}: success {r.success.mean():.1%} "
+            f"({r.success.size} episodes; per task {per_task})"
+        )
+    return lines
+
+
 def _pyplot():
     import matplotlib
 

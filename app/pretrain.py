@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from app import tracking
 from app.config import flatten, to_yaml
 from app.demos import generate_maze_demos
-from app.evaluate import evaluate_zero_shot, metric_name, plot_paths, plot_success
+from app.evaluate import evaluate_zero_shot, metric_name, plot_paths, plot_success, summary
 from app.schema import DemoConfig, FitConfig
 from datamodules.episodes import EpisodeStore
 from datamodules.state import StateDataConfig, StateDataModule
@@ -180,12 +180,9 @@ def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store
     results = evaluate_zero_shot(policy, env_name, cfg.eval, progress=cfg.trainer.progress_bar)
     step = module.global_step
     for sigma, rollouts in results.items():
-        success = rollouts.success
-        client.log_metric(run_id, metric_name(sigma), float(success.mean()), step=step)
-        print(
-            f"[tmrl] zero-shot {env_name} sigma={sigma:g}: success {success.mean():.1%} "
-            f"(per task {', '.join(f'{v:.0%}' for v in success.mean(axis=1))})"
-        )
+        client.log_metric(run_id, metric_name(sigma), float(rollouts.success.mean()), step=step)
+    for line in summary(results, env_name):
+        print(line)
     with tempfile.TemporaryDirectory() as tmp:
         for plot in (
             plot_success(results, env_name, Path(tmp) / "zero_shot_success.png"),

@@ -98,3 +98,31 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> 
 
 def end_run(client: MlflowClient, run_id: str, ok: bool) -> None:
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def fetch_pretrain_run(uri: str, run_id: str, dst: str | Path) -> dict[str, Path]:
+    """Download a pre-training run's resolved config and exported policy into ``dst``.
+
+    Refuses, naming the store, a run id that does not exist or a run that is not a CSP pre-training run.
+    Returns ``{"config": path, "policy": path}``.
+    """
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"run {run_id!r} does not exist in the tracking store {uri}") from err
+    stage = run.data.tags.get(STAGE_TAG)
+    if stage != "pretrain":
+        raise ValueError(f"run {run_id!r} is not a CSP pre-training run (its {STAGE_TAG} tag is {stage!r})")
+    out = {}
+    for name, artifact in (("config", "config.yaml"), ("policy", "checkpoints/policy.pt")):
+        try:
+            out[name] = Path(
+                download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst), tracking_uri=uri)
+            )
+        except (MlflowException, OSError) as err:
+            raise ValueError(f"run {run_id!r} has no {artifact} artifact (did the fit finish?)") from err
+    return out

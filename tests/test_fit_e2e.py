@@ -78,6 +78,22 @@ def test_fit_tracks_everything_in_one_run(tmp_path, mlflow_uri, capsys):
     chunk = policy.sample({OBS: torch.zeros(2, 2), GOAL: torch.ones(2, 2)}, 0.0)
     assert chunk.shape == (2, 4, 2) and torch.isfinite(chunk).all()
 
+    # `tmrl eval` re-evaluates the run's policy with other evaluation settings
+    capsys.readouterr()
+    assert main(["eval", "--from-run", run_id, "--out", str(tmp_path / "ev"), "eval.sigmas=[0.5]"]) == 0
+    out = capsys.readouterr().out
+    assert "sigma=0.5: success" in out and "5 episodes" in out
+    assert (tmp_path / "ev" / "zero_shot_paths.png").stat().st_size > 0
+
+
+def test_eval_refuses_unknown_and_non_pretraining_runs(tmp_path, mlflow_uri, capsys):
+    assert main(["eval", "--from-run", "0123456789abcdef"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    client = MlflowClient(mlflow_uri)
+    other = client.create_run(client.create_experiment("other")).info.run_id
+    assert main(["eval", "--from-run", other]) == 2
+    assert "not a CSP pre-training run" in capsys.readouterr().err
+
 
 def test_fit_resumes_from_its_run(tmp_path, mlflow_uri, capsys):
     assert main(["fit", "--config", TINY, *tiny_overrides(tmp_path), "eval.enabled=false"]) == 0
