@@ -1,57 +1,70 @@
 """The one config loader: a YAML file and command-line ``key=value`` overrides onto a dataclass schema.
 
-Precedence: schema defaults < YAML file < overrides (applied in order). Every problem found (unknown
-keys, wrong types, unset required values) is collected and raised together as one ``ConfigError``
-whose lines say where the value came from (``file:line`` or the override), the dotted key, the
-expected type and the value given. The result is an instance of the schema: nested dataclasses and
+Precedence: schema defaults < YAML file < overrides (applied in order). OmegaConf merges them
+(``OmegaConf.structured(schema)`` with one layer per source), resolves ``${...}`` references and builds
+the result with ``OmegaConf.to_object``, which runs each ``__post_init__``: nested dataclasses and
 plain lists, never a ``DictConfig``.
 
-Plain code over PyYAML nodes is used rather than OmegaConf so that the messages carry YAML line
-numbers and values are converted from the text the user wrote. Conversion rules:
+First, plain code walks the PyYAML nodes and the override texts so that every problem (unknown keys,
+wrong types, unset required values, references to unknown keys) is raised at once in one
+``ConfigError`` whose lines give the source (``file:line`` or the override), the dotted key, the
+expected type and the value. That walk also converts each value from the text as written:
 
 - ``int``: decimal text, or a float text with an integral value (``1e6`` -> 1000000); never a bool.
 - ``float``: any number text (``1e-3``, ``3``, ``.inf``); never a bool.
 - ``bool``: ``true``/``false`` (YAML 1.1 ``yes``/``no``/``on``/``off`` too); ``1``/``0`` are refused.
-- ``str``: the text exactly as written, so ``name: 3`` gives ``"3"`` and ``name: yes`` gives ``"yes"``
-  (OmegaConf would give ``"3"`` and ``"True"``). An override whose value is not a YAML scalar
-  (``name=[a]``, ``name=a: b``) is taken verbatim for a ``str`` field.
+- ``str``: the text exactly as written: ``name: yes`` gives ``"yes"`` (OmegaConf's YAML reading would
+  give ``"True"``). An override value that is not a YAML scalar (``name=a: b``) is taken verbatim.
 - ``X | None``: ``null`` (or ``~``, or an empty value) gives None.
 - ``list[X]``: a YAML list; each item converted as ``X``. An override replaces the whole list.
 - nested dataclass: a mapping, merged key by key onto the field's default. For ``Section | None``
   fields, ``null`` gives None and setting any key (``enc.width=3``) creates the section.
 
-A field with no default, or with the default ``'???'`` (``omegaconf.MISSING``), is required; a plain
-``???`` in YAML or an override marks a value as required again. An empty YAML file is allowed.
-Fields declared ``init=False`` are not settable and are left out of ``to_dict``/``to_yaml``.
+References: ``${other.key}`` anywhere in a value (list items too) is resolved after the merge, e.g.
+``output_dir: runs/${tracking.experiment}`` or ``eval.sample_steps=${policy.sample_steps}``. A value
+that is one whole reference takes the referenced value, converted to the field's type by OmegaConf's
+rules (a non-zero int gives ``True`` for a ``bool``). ``\\${`` is a literal ``${``; inside a flow list,
+quote the reference (``['${a}', 2]``). No custom resolvers are registered (OmegaConf's built-in
+``oc.*`` ones, e.g. ``${oc.env:HOME}``, still work).
+
+A field with no default (a section too), or with the default ``'???'`` (``omegaconf.MISSING``), is
+required. A plain ``???`` marks a value as required again (OmegaConf's merge alone would keep the
+earlier value); a quoted ``'???'`` is a string. ``init=False`` fields are refused: OmegaConf sets them
+after ``__post_init__``, overwriting what it computed. An empty YAML file is allowed.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from app.config_export import flatten, to_dict, to_yaml
 
 __all__ = ["MISSING_VALUE", "ConfigError", "flatten", "load_config", "to_dict", "to_yaml"]
 
 T = TypeVar("T")
 
-MISSING_VALUE = "???"  # same string as omegaconf.MISSING, so schemas may use either
+MISSING_VALUE = MISSING  # "???"
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
 _BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _YAML_FLOATS = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
-_NO_DEFAULT = object()  # the field has no default at all
-_UNSET = object()  # the user wrote a plain ??? : the value must come from a later source
+# ${a.b.c}, not escaped as \${; relative (${.x}) and resolver (${oc.env:X}) forms are left to OmegaConf.
+_REFERENCE = re.compile(r"(?<!\\)\$\{\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\}")
+_MISSING_SPELLING = re.compile(r"\\*\?\?\?")  # what OmegaConf reads as "unset" unless escaped
 
 
 class ConfigError(ValueError):
@@ -114,17 +127,22 @@ def _check_leaf(tp: Any, key: str) -> None:
         )
 
 
-def _schema_keys(cls: type, prefix: str = "", seen: frozenset[type] = frozenset()) -> list[str]:
-    """Every dotted key of the schema, sections included, in declaration order; checks every type."""
-    keys = []
+def _schema_types(cls: type, prefix: str = "", seen: frozenset[type] = frozenset()) -> dict[str, Any]:
+    """Every dotted key of the schema (sections included) to its type, in declaration order."""
+    if fixed := [f.name for f in dataclasses.fields(cls) if not f.init]:
+        raise TypeError(
+            f"config schema {cls.__name__} declares {fixed} with init=False; OmegaConf would set them after "
+            "__post_init__ and overwrite what it computed: use a property instead"
+        )
+    types_ = {}
     for name, (_, tp) in _fields(cls).items():
-        keys.append(prefix + name)
+        types_[prefix + name] = tp
         section = _section_type(tp)
         if section is None:
             _check_leaf(tp, prefix + name)
         elif section not in seen:  # a self-referencing schema is walked once
-            keys += _schema_keys(section, f"{prefix}{name}.", seen | {cls})
-    return keys
+            types_ |= _schema_types(section, f"{prefix}{name}.", seen | {cls})
+    return types_
 
 
 class _BadValue(Exception):
@@ -144,6 +162,11 @@ def _show(node: yaml.Node) -> str:
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG
+
+
+def _is_reference(node: yaml.Node) -> bool:
+    """A value with ``${...}`` in it: left as text for OmegaConf to resolve after the merge."""
+    return isinstance(node, yaml.ScalarNode) and not _is_null(node) and "${" in node.value
 
 
 def _to_int(text: str) -> int:
@@ -166,12 +189,19 @@ def _to_bool(text: str) -> bool:
     return _BOOLS[text.lower()]
 
 
-_SCALARS = {int: _to_int, float: _to_float, bool: _to_bool, str: str}
+def _to_str(text: str) -> str:
+    # OmegaConf reads ??? as "unset" and \??? as the text ???: one more backslash keeps the text as written.
+    return "\\" + text if _MISSING_SPELLING.fullmatch(text) else text
+
+
+_SCALARS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
 
 
 def _convert(tp: Any, node: yaml.Node) -> Any:
     """Convert a YAML node to the leaf type ``tp``; raises _BadValue naming expected type and value."""
     inner, optional = _split_optional(tp)
+    if _is_reference(node):
+        return node.value
     if _is_null(node):
         if optional:
             return None
@@ -219,49 +249,54 @@ class _Source:
         return f"{self.origin}:{node.start_mark.line + 1}" if self.is_file else self.origin
 
 
-@dataclasses.dataclass
-class _Given:
-    """A value set by the user, already converted to its field's type."""
-
-    value: Any
-    origin: str
-
-
-@dataclasses.dataclass
-class _Section:
-    """A fully resolved section, waiting to be instantiated (which runs its ``__post_init__``)."""
-
-    cls: type
-    key: str
-    values: dict[str, Any]
-    origins: list[str]
+def _did_you_mean(guesses: Sequence[str]) -> str:
+    return "; did you mean " + " or ".join(f"'{g}'" for g in guesses) + "?" if guesses else ""
 
 
 class _Loader:
-    """Merges YAML and overrides into a tree of ``_Given`` leaves, then resolves it against the schema.
+    """Checks and converts each source into one layer (nested dicts) for OmegaConf to merge, then builds.
 
     Problems are collected in ``self.problems`` rather than raised, so the user sees all of them at once.
+    ``origins`` holds, per key, the source that set it last and where (``file:line``); ``unset`` the keys
+    whose last value was a plain ``???``.
     """
 
     def __init__(self, schema: type, path: str | Path | None) -> None:
         self.schema = schema
         self.path = None if path is None else str(path)
-        self.tree: dict[str, Any] = {}
+        self.types = _schema_types(schema)  # raises TypeError for unsupported types
+        self.layers: list[dict[str, Any]] = []
         self.problems: list[str] = []
-        self.all_keys = _schema_keys(schema)  # raises TypeError for unsupported types
+        self.origins: dict[str, tuple[str, str]] = {}
+        self.unset: dict[str, None] = {}
 
     def unknown_key(self, cls: type, prefix: str, name: str) -> str:
         valid = list(_fields(cls))
         guesses = [prefix + c for c in difflib.get_close_matches(name, valid, n=3, cutoff=0.6)]
         if not guesses:  # maybe the right name at the wrong level, e.g. 'max_steps' for 'trainer.max_steps'
-            guesses = [k for k in self.all_keys if k.rsplit(".", 1)[-1] == name]
-        message = f"unknown key '{prefix}{name}'"
-        if guesses:
-            message += "; did you mean " + " or ".join(f"'{g}'" for g in guesses) + "?"
+            guesses = [k for k in self.types if k.rsplit(".", 1)[-1] == name]
         level = f"keys under '{prefix[:-1]}'" if prefix else "top-level keys"
-        return f"{message} (valid {level}: {', '.join(valid)})"
+        return f"unknown key '{prefix}{name}'{_did_you_mean(guesses)} (valid {level}: {', '.join(valid)})"
 
-    def merge_mapping(self, cls: type, tree: dict, node: yaml.MappingNode, prefix: str, src: _Source) -> None:
+    def record(self, key: str, node: yaml.Node, src: _Source, unset: bool = False) -> None:
+        """Note who set ``key`` last (replacing an earlier ``???`` there and below); check its references."""
+        for k in [k for k in self.unset if (k + ".").startswith(key + ".")]:
+            del self.unset[k]
+        if unset:
+            self.unset[key] = None
+        self.origins[key] = (src.origin, src.at(node))
+        for item in node.value if isinstance(node, yaml.SequenceNode) else [node]:
+            for ref in _REFERENCE.findall(item.value) if _is_reference(item) else []:
+                if ref not in self.types:  # OmegaConf would say so too, but without file:line or a guess
+                    guesses = difflib.get_close_matches(ref, list(self.types), n=3, cutoff=0.8)
+                    self.problems.append(
+                        f"{src.at(item)}: '{key}' refers to unknown key '{ref}' in {item.value!r}"
+                        + _did_you_mean(guesses)
+                    )
+
+    def merge_mapping(
+        self, cls: type, layer: dict, node: yaml.MappingNode, prefix: str, src: _Source
+    ) -> None:
         fields = _fields(cls)
         first_seen: dict[str, str] = {}
         for key_node, value_node in node.value:
@@ -274,31 +309,30 @@ class _Loader:
                 )
             else:
                 first_seen[name] = src.at(key_node)
-                self.assign(cls, tree, name, value_node, prefix, src)
+                self.assign(cls, layer, name, value_node, prefix, src)
 
-    def assign(self, cls: type, tree: dict, name: str, node: yaml.Node, prefix: str, src: _Source) -> None:
-        """Set field ``name`` of section ``cls`` from a YAML node (a later call overrides an earlier one)."""
+    def assign(self, cls: type, layer: dict, name: str, node: yaml.Node, prefix: str, src: _Source) -> None:
+        """Set field ``name`` of section ``cls`` in this source's layer from a YAML node."""
         tp = _fields(cls)[name][1]
         key, section = prefix + name, _section_type(tp)
         # Only a plain ??? means "unset"; a quoted '???' is a string like any other.
-        if isinstance(node, yaml.ScalarNode) and node.style is None and node.value == MISSING_VALUE:
-            tree[name] = _Given(_UNSET, src.origin)
+        if isinstance(node, yaml.ScalarNode) and node.style is None and node.value == MISSING:
+            self.record(key, node, src, unset=True)
         elif section is not None and isinstance(node, yaml.MappingNode):
-            if not isinstance(tree.get(name), dict):
-                tree[name] = {}
-            self.merge_mapping(section, tree[name], node, key + ".", src)
-        elif section is not None and _is_null(node) and _split_optional(tp)[1]:
-            tree[name] = _Given(None, src.origin)
-        elif section is not None:
+            self.unset.pop(key, None)
+            layer[name] = {}
+            self.merge_mapping(section, layer[name], node, key + ".", src)
+        elif section is None or _is_reference(node) or (_is_null(node) and _split_optional(tp)[1]):
+            try:
+                layer[name] = _convert(tp, node)
+                self.record(key, node, src)
+            except _BadValue as exc:
+                self.problems.append(f"{src.at(node)}: wrong type for '{key}': {exc}")
+        else:
             self.problems.append(
                 f"{src.at(node)}: wrong type for '{key}': expected a mapping of {section.__name__} settings "
                 f"(keys: {', '.join(_fields(section))}), got {_show(node)}"
             )
-        else:
-            try:
-                tree[name] = _Given(_convert(tp, node), src.origin)
-            except _BadValue as exc:
-                self.problems.append(f"{src.at(node)}: wrong type for '{key}': {exc}")
 
     def merge_file(self, path: Path) -> None:
         node = _read_yaml(path)
@@ -308,17 +342,19 @@ class _Loader:
             raise ConfigError(
                 f"{path}: the top level must be a mapping of settings (key: value lines), got {_show(node)}"
             )
-        self.merge_mapping(self.schema, self.tree, node, "", _Source(str(path), is_file=True))
+        self.layers.append({})
+        self.merge_mapping(self.schema, self.layers[-1], node, "", _Source(str(path), is_file=True))
 
     def apply_override(self, text: str) -> None:
         src = _Source(f"command-line override {text!r}", is_file=False)
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep or not key:
-            example = key if key in self.all_keys else next(iter(self.all_keys), "key")
+            example = key if key in self.types else next(iter(self.types), "key")
             self.problems.append(f"{src.origin}: expected the form key=value, e.g. '{example}=...'")
             return
-        cls, tree, prefix = self.schema, self.tree, ""
+        cls, layer, prefix = self.schema, {}, ""
+        self.layers.append(layer)
         *sections, name = key.split(".")
         for part in sections:
             if part not in _fields(cls):
@@ -331,62 +367,86 @@ class _Loader:
                     f"({_type_name(_fields(cls)[part][1])}), not a section with keys"
                 )
                 return
-            if not isinstance(tree.get(part), dict):
-                tree[part] = {}
-            cls, tree, prefix = section, tree[part], f"{prefix}{part}."
+            self.unset.pop(prefix + part, None)  # setting a key creates (or keeps) its section
+            cls, layer, prefix = section, layer.setdefault(part, {}), f"{prefix}{part}."
         if name not in _fields(cls):
             self.problems.append(f"{src.origin}: {self.unknown_key(cls, prefix, name)}")
             return
-        str_target = _split_optional(_fields(cls)[name][1])[0] is str
         try:
-            node = _parse_override_value(raw, str_target)
+            node = _parse_override_value(raw, str_target=_split_optional(_fields(cls)[name][1])[0] is str)
         except _BadValue as exc:
             self.problems.append(f"{src.origin}: {exc}")
             return
-        self.assign(cls, tree, name, node, prefix, src)
+        self.assign(cls, layer, name, node, prefix, src)
 
-    def resolve(self, cls: type, tree: dict, prefix: str, base: Any) -> _Section:
-        """Fill every field from the tree or its default; unset required values become problems."""
-        values: dict[str, Any] = {}
-        origins: list[str] = []
-        for name, (field, tp) in _fields(cls).items():
-            key, entry, section = prefix + name, tree.get(name), _section_type(tp)
-            if isinstance(entry, _Given):
-                origins.append(entry.origin)
-                value = entry.value
-            else:
-                value = _default(field, base)
-            if section is not None and (
-                isinstance(entry, dict) or value is _NO_DEFAULT or isinstance(value, section)
-            ):
-                # Untouched sections are resolved too, so required values inside them are named; a section
-                # with no default at all is built from its own class defaults.
-                base_value = value if isinstance(value, section) else None
-                sub = self.resolve(section, entry if isinstance(entry, dict) else {}, key + ".", base_value)
-                origins += sub.origins
-                values[name] = sub
-            elif value is _UNSET or value is _NO_DEFAULT or (entry is None and value == MISSING_VALUE):
-                where = f"in {self.path}" if self.path else "in a YAML config file"
-                self.problems.append(
-                    f"required value '{key}' ({_type_name(tp)}) is not set: set it {where} "
-                    f"or on the command line as '{key}=...'"
-                )
-            else:
-                values[name] = value
-        return _Section(cls, prefix[:-1], values, origins)
+    def required(self, cfg: DictConfig) -> list[str]:
+        """One problem per required value still unset, in schema order."""
+        where = f"in {self.path}" if self.path else "in a YAML config file"
+        return [
+            f"required value '{key}' ({_type_name(tp)}) is not set: set it {where} "
+            f"or on the command line as '{key}=...'" + (f" or '{key}.<key>=...'" if _section_type(tp) else "")
+            for key, tp in self.types.items()
+            if key in self.unset or _is_missing(cfg, key)
+        ]
+
+    def build(self) -> Any:
+        """Merge schema defaults < each layer with OmegaConf, check required values, build the dataclasses."""
+        cfg = OmegaConf.create()  # so the __post_init__ handler below always has a config to search
+        try:
+            # The layers hold only checked values, so the merge runs despite the problems found so far.
+            cfg = OmegaConf.merge(OmegaConf.structured(self.schema), *self.layers)
+            if problems := self.problems + self.required(cfg):
+                raise ConfigError(problems)
+            return _plain_strings(OmegaConf.to_object(cfg))  # resolves ${...}, runs each __post_init__
+        except ConfigError:  # the problems above, or raised by a __post_init__ itself
+            raise
+        except OmegaConfBaseException as exc:  # a case the checks above missed: still name key and source
+            key = exc.full_key or ""
+            origin = self.origins.get(key.partition("[")[0])  # 'tags[1]' was set with 'tags'
+            where = f"{origin[1]}: " if origin else ""
+            what = f"invalid value for '{key}'" if key else "cannot build the configuration"
+            raise ConfigError(f"{where}{what}: {str(exc).splitlines()[0]}") from exc
+        except ValueError as exc:  # a __post_init__ refused its values
+            key = _refusing_section(cfg, "")
+            prefix = key + "." if key else ""
+            below = [
+                self.origins[k][0] for k in self.types if k in self.origins and (k + ".").startswith(prefix)
+            ]
+            sources = f"set from {', '.join(dict.fromkeys(below))}" if below else "schema defaults only"
+            where = f"'{key}'" if key else "the configuration"
+            raise ConfigError(f"invalid settings in {where} ({sources}): {exc}") from exc
 
 
-def _default(field: dataclasses.Field, base: Any) -> Any:
-    """The value a field takes when nobody sets it: the enclosing default instance's, else its own."""
-    if base is not None:  # base is already this load's own copy
-        return getattr(base, field.name)
-    if field.default is not dataclasses.MISSING:
-        # A class-level default instance (frozen dataclasses are allowed) is shared: copy it, so one
-        # loaded config never aliases another's lists.
-        return copy.deepcopy(field.default)
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return _NO_DEFAULT
+def _is_missing(cfg: DictConfig, key: str) -> bool:
+    """``key`` holds ``???`` (a reference to an unset value is not itself unset, and is not resolved here)."""
+    parent, _, name = key.rpartition(".")
+    section = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    return isinstance(section, DictConfig) and OmegaConf.is_missing(section, name)
+
+
+def _refusing_section(node: DictConfig, key: str) -> str:
+    """The innermost section whose ``__post_init__`` refuses its values (inner ones are built first)."""
+    for name in node:
+        child = node[name]
+        if isinstance(child, DictConfig):
+            try:
+                OmegaConf.to_object(child)
+            except ValueError:
+                return _refusing_section(child, f"{key}.{name}" if key else str(name))
+    return key
+
+
+def _plain_strings(cfg: Any) -> Any:
+    """OmegaConf hands a literal '???' back as a ``str`` subclass; make it a plain ``str`` again."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            _plain_strings(value)
+        elif isinstance(value, str) and type(value) is not str:
+            object.__setattr__(cfg, field.name, str(value))  # frozen dataclasses too
+        elif isinstance(value, list):
+            value[:] = [str(v) if isinstance(v, str) else v for v in value]
+    return cfg
 
 
 def _read_yaml(path: Path) -> yaml.Node | None:
@@ -408,20 +468,6 @@ def _read_yaml(path: Path) -> yaml.Node | None:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
 
 
-def _instantiate(section: _Section) -> Any:
-    """Build the dataclass instances bottom-up; a ``__post_init__`` ValueError becomes a ConfigError."""
-    kwargs = {n: _instantiate(v) if isinstance(v, _Section) else v for n, v in section.values.items()}
-    try:
-        return section.cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        origins = list(dict.fromkeys(section.origins))
-        sources = f"set from {', '.join(origins)}" if origins else "schema defaults only"
-        where = f"'{section.key}'" if section.key else "the configuration"
-        raise ConfigError(f"invalid settings in {where} ({sources}): {exc}") from exc
-
-
 def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load ``schema`` defaults, then the YAML file at ``path``, then ``key=value`` overrides, in order.
 
@@ -437,66 +483,4 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequ
         loader.merge_file(Path(path))
     for override in overrides:
         loader.apply_override(override)
-    resolved = loader.resolve(schema, loader.tree, "", None)
-    if loader.problems:
-        raise ConfigError(loader.problems)
-    return _instantiate(resolved)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A config instance as plain nested dicts and lists (settable fields only)."""
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"to_dict needs a dataclass instance, got {cfg!r}")
-    return {name: _plain(getattr(cfg, name)) for name in _fields(type(cfg))}
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_dict(value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-class _ConfigDumper(yaml.SafeDumper):
-    """Writes lists of scalars on one line, like hand-written configs, and quotes a literal '???'."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(not isinstance(v, list | dict) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
-    # A plain ??? would read back as "unset", so a string that happens to be ??? is quoted.
-    style = "'" if data == MISSING_VALUE else None
-    return dumper.represent_scalar(_STR_TAG, data, style=style)
-
-
-_ConfigDumper.add_representer(list, _represent_list)
-_ConfigDumper.add_representer(str, _represent_str)
-
-
-def to_yaml(cfg: Any) -> str:
-    """The config instance as YAML text that ``load_config`` reads back to an equal instance."""
-    return yaml.dump(to_dict(cfg), Dumper=_ConfigDumper, sort_keys=False, allow_unicode=True)
-
-
-def flatten(cfg: Any) -> dict[str, str | int | float | bool | None]:
-    """Dotted keys to scalar values in declaration order, lists as their ``str`` (e.g. for MLflow params).
-
-    Takes a config instance or a nested mapping.
-    """
-    flat: dict[str, str | int | float | bool | None] = {}
-    _flatten_into(flat, "", cfg if isinstance(cfg, Mapping) else to_dict(cfg))
-    return flat
-
-
-def _flatten_into(flat: dict[str, Any], prefix: str, mapping: Mapping[str, Any]) -> None:
-    for name, value in mapping.items():
-        if isinstance(value, Mapping):
-            _flatten_into(flat, f"{prefix}{name}.", value)
-        elif isinstance(value, list | tuple):
-            flat[prefix + name] = str(_plain(value))
-        else:
-            flat[prefix + name] = value
+    return loader.build()

@@ -164,6 +164,60 @@ def test_empty_yaml_file_means_defaults(tmp_path):
     assert load_config(Root, path, REQUIRED) == load_config(Root, None, REQUIRED)
 
 
+# --------------------------------------------------------------------------------- ${...} references
+
+
+def test_references_are_resolved_after_the_merge(tmp_path):
+    text = "seed: 1\ntask: reach\ntrainer:\n  run_name: ${task}_s${seed}\nlimit: ${trainer.max_steps}\n"
+    cfg = load_config(Root, write(tmp_path, text), ["seed=7", "milestones=[1, '${seed}']"])
+    assert cfg.trainer.run_name == "reach_s7"  # the override of seed comes later but is seen
+    assert cfg.limit == 100.0 and type(cfg.limit) is float  # the int converted to the field's type
+    assert cfg.milestones == [1, 7] and type(cfg.milestones[1]) is int
+
+
+def test_reference_in_an_override(tmp_path):
+    cfg = load_config(Root, None, [*REQUIRED, "encoder.width=${trainer.max_steps}", "trainer.max_steps=64"])
+    assert cfg.encoder == Encoder(width=64, kind="mlp")
+    cfg = load_config(Root, None, [*REQUIRED, "tags=[x, '${task}']"])
+    assert cfg.tags == ["x", "reach"]
+    escaped = load_config(Root, None, [*REQUIRED, "trainer.run_name=\\${seed}"])
+    assert escaped.trainer.run_name == "${seed}"  # \${ is a literal ${
+    assert "\\${seed}" in to_yaml(escaped)  # and stays one when the config is read back
+    assert load_config(Root, write(tmp_path, to_yaml(escaped))) == escaped
+
+
+def test_reference_to_an_unknown_key_names_the_key_and_the_reference(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer:\n  run_name: run_${trainer.max_step}\n")
+    assert error_of(Root, path) == (
+        f"{path}:4: 'trainer.run_name' refers to unknown key 'trainer.max_step' in "
+        "'run_${trainer.max_step}'; did you mean 'trainer.max_steps'?"
+    )
+    message = error_of(Root, None, [*REQUIRED, "limit=${nothing.here}"])
+    assert message == (
+        "command-line override 'limit=${nothing.here}': 'limit' refers to unknown key 'nothing.here' "
+        "in '${nothing.here}'"
+    )
+
+
+def test_unresolvable_reference_is_a_config_error_naming_key_and_source(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer:\n  max_steps: ${task}\n")
+    message = error_of(Root, path)
+    assert message.startswith(f"{path}:4: invalid value for 'trainer.max_steps': ")
+    assert "'${task}'" in message and "Integer" in message and "\n" not in message
+    message = error_of(Root, None, [*REQUIRED, "trainer.run_name=${.nope}"])  # relative: left to OmegaConf
+    assert message.startswith("command-line override 'trainer.run_name=${.nope}': invalid value for ")
+    assert "'.nope' not found" in message
+    message = error_of(Root, None, [*REQUIRED, "trainer.run_name=${seed"])
+    assert message.startswith("command-line override 'trainer.run_name=${seed': invalid value for ")
+
+
+def test_reference_to_an_unset_value_names_only_that_value():
+    assert error_of(Root, None, ["seed=1", "trainer.run_name=${task}"]) == (
+        "required value 'task' (str) is not set: set it in a YAML config file "
+        "or on the command line as 'task=...'"
+    )
+
+
 # ------------------------------------------------------------------------------------ file errors
 
 
@@ -301,8 +355,29 @@ def test_missing_value_names_the_yaml_file_and_plain_question_marks_unset(tmp_pa
     assert load_config(Root, path, ["seed=4"]).seed == 4
 
 
+def test_plain_question_marks_unset_an_earlier_value(tmp_path):
+    path = write(tmp_path, "seed: 1\ntask: a\ntrainer:\n  max_steps: ???\n")
+    assert error_of(Root, path).startswith("required value 'trainer.max_steps' (int) is not set")
+    assert load_config(Root, path, ["trainer.max_steps=5"]).trainer.max_steps == 5
+
+
 def test_quoted_question_marks_are_a_plain_string(tmp_path):
-    assert load_config(Root, write(tmp_path, "seed: 1\ntask: '???'\n")).task == "???"
+    cfg = load_config(Root, write(tmp_path, "seed: 1\ntask: '???'\ntags: ['???', '\\???']\n"))
+    assert cfg.task == "???" and type(cfg.task) is str
+    assert cfg.tags == ["???", "\\???"] and all(type(t) is str for t in cfg.tags)
+
+
+@dataclass
+class NeedsSection:
+    encoder: Encoder  # no default: required like any other field
+
+
+def test_section_without_default_is_required_until_a_key_is_set():
+    assert error_of(NeedsSection) == (
+        "required value 'encoder' (Encoder) is not set: set it in a YAML config file "
+        "or on the command line as 'encoder=...' or 'encoder.<key>=...'"
+    )
+    assert load_config(NeedsSection, None, ["encoder.width=3"]).encoder == Encoder(width=3)
 
 
 def test_problems_from_file_overrides_and_missing_values_come_together(tmp_path):
@@ -365,6 +440,14 @@ def test_schema_bugs_are_type_errors():
 
     with pytest.raises(TypeError, match="field 'table' has unsupported type"):
         load_config(Bad)
+
+    @dataclass
+    class Derived:
+        width: int = 2
+        area: int = field(init=False, default=0)
+
+    with pytest.raises(TypeError, match=r"declares \['area'\] with init=False"):
+        load_config(Derived)
     with pytest.raises(TypeError, match="needs a dataclass type"):
         load_config(Root(seed=1, task="a"))
     with pytest.raises(TypeError, match="sequence of 'key=value' strings"):
