@@ -1,7 +1,8 @@
-"""The `tmrl` command: fit | eval | demos | bench | ui.
+"""The `tmrl` command: fit | finetune | eval | demos | bench | ui.
 
     tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
     tmrl fit --config configs/csp_state.yaml --print-config
+    tmrl finetune --from-run <run_id> method=dsrl env_steps=50000 seed=1
     tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
     tmrl bench pretrain --config configs/csp_state.yaml
@@ -50,6 +51,18 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
     run_id = fit(cfg)
     print(f"[tmrl] tracking store: {tracking.resolve_uri(cfg.tracking)}; open the UI with `tmrl ui`")
+    print(f"run_id={run_id}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from app.finetune import FinetuneConfig, finetune
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return
+    run_id = finetune(cfg, args.from_run)
+    print(f"[tmrl] nested under pre-training run {args.from_run}; compare runs with `tmrl ui`")
     print(f"run_id={run_id}")
 
 
@@ -125,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="pre-train a CSP policy (generates demonstrations if missing)")
     _add_config_args(p, default=None)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("finetune", help="TMRL (or a baseline) fine-tuning of a pre-training run's policy")
+    p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")
+    _add_config_args(p, default="configs/tmrl_pointmaze.yaml")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")
     p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ DEFAULT_URI = "sqlite:///./mlflow.db"
 GIT_COMMIT_TAG = "tmrl.git_commit"
 DATASET_TAG = "tmrl.dataset_fingerprint"
 STAGE_TAG = "tmrl.stage"
+PRETRAIN_TAG = "tmrl.pretrain_run_id"
 
 
 @dataclass
@@ -76,7 +78,10 @@ def start_run(
 ) -> tuple[MlflowClient, str]:
     """Create a run (status RUNNING) tagged with the stage and git commit; returns (client, run_id)."""
     client = client_for(cfg)
-    exp_id = ensure_experiment(client, cfg)
+    # a child run lives in its parent's experiment, or the UI cannot nest it
+    exp_id = (
+        client.get_run(parent_run_id).info.experiment_id if parent_run_id else ensure_experiment(client, cfg)
+    )
     all_tags = {STAGE_TAG: stage, **(tags or {})}
     commit = git_commit()
     if commit:
@@ -94,6 +99,16 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> 
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log a dict of metrics at one step in a single request."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
 def end_run(client: MlflowClient, run_id: str, ok: bool) -> None:

@@ -1,0 +1,243 @@
+"""N OGBench maze environments stepped together at the numpy level (no torch).
+
+The fine-tuning target is a :class:`TaskConfig`: one of OGBench's five evaluation tasks (start and goal
+cells), optionally with the start or goal cell overridden (e.g. a goal the demonstrations never reached).
+Every reset puts OGBench's own jitter on the start and the goal (uniform +-1 per axis around the cell
+centre), drawn from the GLOBAL ``np.random``: :class:`BatchedMaze` seeds it from its own generator for the
+duration of each reset, so runs are reproducible from ``seed``.
+
+The wrapped gymnasium env is bypassed (``env.unwrapped`` is stepped): its TimeLimit would cut episodes at
+OGBench's 1000 steps whatever ``max_steps`` says, and the time limit is kept here per sub-env instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.envs.maze import GOAL_INDICES, make_maze_env, resolve_maze, seeded_global_numpy
+
+NUM_TASKS = 5  # OGBench's evaluation tasks per maze
+
+
+def _check_cell(name: str, cell: Any) -> None:
+    ok = isinstance(cell, list | tuple) and len(cell) == 2
+    if not ok or any(isinstance(v, bool) or not isinstance(v, int | np.integer) for v in cell):
+        raise ValueError(f"TaskConfig.{name}={cell!r}; expected a cell [i, j] of two integers or None")
+
+
+@dataclass
+class TaskConfig:
+    """The fine-tuning target task.
+
+    Attributes:
+        env: maze name (short, e.g. "pointmaze-large", or the full OGBench id).
+        task_id: OGBench evaluation task 1..5 (its start and goal cells), or None to give both cells.
+        init_ij: start cell [i, j] (row, column of ``maze_map``), overriding the task's; must be free.
+        goal_ij: goal cell [i, j], overriding the task's; must be free.
+        max_steps: low-level time limit: an episode is truncated after this many environment steps.
+    """
+
+    env: str = "pointmaze-large"
+    task_id: int | None = 1
+    init_ij: list[int] | None = None
+    goal_ij: list[int] | None = None
+    max_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        resolve_maze(self.env)  # raises, listing the known names
+        tid = self.task_id
+        bad_id = isinstance(tid, bool) or not isinstance(tid, int) or not 1 <= tid <= NUM_TASKS
+        if tid is not None and bad_id:
+            raise ValueError(
+                f"TaskConfig.task_id={self.task_id!r}; expected an integer in 1..{NUM_TASKS} or None"
+            )
+        for name in ("init_ij", "goal_ij"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_cell(name, value)
+        if self.task_id is None and (self.init_ij is None or self.goal_ij is None):
+            raise ValueError(
+                f"TaskConfig.task_id=None needs both init_ij and goal_ij; got init_ij={self.init_ij!r}, "
+                f"goal_ij={self.goal_ij!r}"
+            )
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"TaskConfig.max_steps={self.max_steps!r}; expected an integer >= 1")
+
+    def cells(self, maze: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(start cell, goal cell) on ``maze`` (an OGBench maze env, unwrapped), checked to be free cells.
+
+        Raises:
+            ValueError: a cell outside the map or on a wall, naming the cell and the maze size.
+        """
+        init_ij = goal_ij = None
+        if self.task_id is not None:
+            info = maze.task_infos[self.task_id - 1]
+            init_ij, goal_ij = info["init_ij"], info["goal_ij"]
+        init_ij = tuple(int(v) for v in (self.init_ij if self.init_ij is not None else init_ij))
+        goal_ij = tuple(int(v) for v in (self.goal_ij if self.goal_ij is not None else goal_ij))
+        grid = np.asarray(maze.maze_map)
+        for name, (i, j) in (("init_ij", init_ij), ("goal_ij", goal_ij)):
+            inside = 0 <= i < grid.shape[0] and 0 <= j < grid.shape[1]
+            if not inside or grid[i, j] != 0:
+                where = "a wall" if inside else "outside the map"
+                raise ValueError(
+                    f"TaskConfig.{name}=[{i}, {j}] is {where} of {self.env} (maze_map {grid.shape[0]}x"
+                    f"{grid.shape[1]}); expected a free cell (maze_map == 0)"
+                )
+        return init_ij, goal_ij
+
+
+def maze_dims(env: str) -> tuple[int, int]:
+    """(obs_dim, action_dim) of maze ``env`` (builds one environment, ~15 ms after the first)."""
+    probe = make_maze_env(env)
+    dims = (int(probe.observation_space.shape[0]), int(probe.action_space.shape[0]))
+    probe.close()
+    return dims
+
+
+class BatchedMaze:
+    """N OGBench maze envs stepped together; start/goal from the TaskConfig with OGBench's own jitter.
+
+    State arrays (one row per sub-env) hold each sub-env's latest values; ``step`` and ``reset`` update only
+    the rows their mask selects, so a row that is not stepped keeps its last observation and flags.
+
+    Attributes:
+        obs_dim, action_dim: sizes of one observation and one low-level action.
+        goal_dim: size of the goal (= len(GOAL_INDICES) = 2, the xy position).
+        step_count: (N,) int64 environment steps since each sub-env's last reset.
+    """
+
+    def __init__(self, task: TaskConfig, num_envs: int, seed: int = 0) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"BatchedMaze num_envs={num_envs!r}; expected an integer >= 1")
+        self.task, self.num_envs = task, num_envs
+        self._envs = [make_maze_env(task.env) for _ in range(num_envs)]
+        self._mazes = [env.unwrapped for env in self._envs]
+        maze = self._mazes[0]
+        init_ij, goal_ij = task.cells(maze)
+        self._task_info = dict(
+            task_name="tmrl",
+            init_ij=init_ij,
+            init_xy=maze.ij_to_xy(init_ij),
+            goal_ij=goal_ij,
+            goal_xy=maze.ij_to_xy(goal_ij),
+        )
+        self.init_ij, self.goal_ij = init_ij, goal_ij
+        self.obs_dim = int(self._envs[0].observation_space.shape[0])
+        self.action_dim = int(self._envs[0].action_space.shape[0])
+        self.goal_dim = len(GOAL_INDICES)
+        self._low = np.asarray(self._envs[0].action_space.low, dtype=np.float64)
+        self._high = np.asarray(self._envs[0].action_space.high, dtype=np.float64)
+        # The teleport maze draws teleport destinations from the global np.random inside step().
+        self._step_uses_global_rng = getattr(maze, "_teleport_info", None) is not None
+
+        n = num_envs
+        self.observation = np.zeros((n, self.obs_dim), np.float32)
+        self.goal = np.zeros((n, self.goal_dim), np.float32)
+        self.reward = np.zeros(n, np.float32)
+        self.terminated = np.zeros(n, bool)
+        self.truncated = np.zeros(n, bool)
+        self.success = np.zeros(n, bool)
+        self.step_count = np.zeros(n, np.int64)
+        self._was_reset = np.zeros(n, bool)
+        self.seed(seed)
+
+    def seed(self, seed: int | None) -> None:
+        """Re-seed the generator behind every later reset (and the teleports); None draws fresh entropy."""
+        self._rng = np.random.default_rng(seed)
+        for env in self._envs:
+            # OGBench's reset takes a few random warm-up actions from the action space's own generator.
+            env.action_space.seed(int(self._rng.integers(2**31)))
+
+    def _mask(self, mask: np.ndarray | None, what: str) -> np.ndarray:
+        if mask is None:
+            return np.ones(self.num_envs, bool)
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != (self.num_envs,):
+            raise ValueError(
+                f"BatchedMaze.{what}: mask has dtype {mask.dtype} and shape {mask.shape}; "
+                f"expected bool of shape ({self.num_envs},)"
+            )
+        return mask
+
+    def reset(self, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reset the sub-envs where ``mask`` (N,) is True (all if None).
+
+        Returns:
+            copies of the observation (N, d_o) and goal (N, 2) of every sub-env (reset or not), float32.
+        """
+        idx = np.flatnonzero(self._mask(mask, "reset"))
+        with seeded_global_numpy(self._rng):
+            for k in idx:
+                options = dict(task_info=self._task_info, render_goal=False)
+                ob, info = self._mazes[k].reset(seed=int(self._rng.integers(2**31)), options=options)
+                self.observation[k] = ob
+                self.goal[k] = np.asarray(info["goal"])[list(GOAL_INDICES)]
+        self.reward[idx] = 0.0
+        self.terminated[idx] = self.truncated[idx] = self.success[idx] = False
+        self.step_count[idx] = 0
+        self._was_reset[idx] = True
+        return self.observation.copy(), self.goal.copy()
+
+    def step(self, actions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Step the sub-envs where ``mask`` (N,) is True with ``actions`` (N, d_a) (other rows are ignored).
+
+        Actions are clipped to the action space: the point mass adds 0.2 * action to its position without
+        clipping, so an out-of-range action would move it further than any legal one.
+
+        Returns:
+            copies of ``observation`` (N, d_o) float32, ``reward`` (N,) float32 (OGBench's: 1.0 on success,
+            else 0.0), ``terminated`` (N,) bool (= success: OGBench terminates at the goal), ``truncated``
+            (N,) bool (the step count reached ``max_steps`` without success) and ``success`` (N,) bool.
+            Rows not stepped keep their last values.
+
+        Raises:
+            ValueError: bad shapes. RuntimeError: stepping a sub-env that was never reset or is done.
+        """
+        mask = self._mask(mask, "step")
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs, self.action_dim):
+            raise ValueError(
+                f"BatchedMaze.step: actions have shape {actions.shape}; expected ({self.num_envs}, "
+                f"{self.action_dim})"
+            )
+        idx = np.flatnonzero(mask)
+        bad = idx[~self._was_reset[idx] | self.terminated[idx] | self.truncated[idx]]
+        if len(bad):
+            raise RuntimeError(
+                f"BatchedMaze.step: sub-envs {bad.tolist()} were never reset or are done; reset them first"
+            )
+        actions = np.clip(actions, self._low, self._high)
+        if self._step_uses_global_rng:
+            with seeded_global_numpy(self._rng):
+                self._step_rows(idx, actions)
+        else:
+            self._step_rows(idx, actions)
+        return {
+            "observation": self.observation.copy(),
+            "reward": self.reward.copy(),
+            "terminated": self.terminated.copy(),
+            "truncated": self.truncated.copy(),
+            "success": self.success.copy(),
+        }
+
+    def _step_rows(self, idx: np.ndarray, actions: np.ndarray) -> None:
+        """The hot loop: one OGBench step per selected row, written into the state arrays."""
+        mazes, obs, success = self._mazes, self.observation, self.success
+        for k in idx:
+            ob, _, _, _, info = mazes[k].step(actions[k])
+            obs[k] = ob
+            success[k] = info["success"] > 0
+        self.step_count[idx] += 1
+        self.reward[idx] = success[idx]
+        self.terminated[idx] = success[idx]
+        # A time limit reached on the very step that succeeds is a success, not a truncation.
+        self.truncated[idx] = (self.step_count[idx] >= self.task.max_steps) & ~success[idx]
+
+    def close(self) -> None:
+        """Close the underlying environments."""
+        for env in self._envs:
+            env.close()

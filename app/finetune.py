@@ -1,0 +1,333 @@
+"""`tmrl finetune --from-run ID`: TMRL fine-tuning of a frozen CSP policy, read top to bottom.
+
+make_env -> make_agent -> make_collector -> make_buffer; then the loop:
+collect -> extend -> update (UTD times) -> sync weights -> log -> evaluate -> checkpoint.
+
+The high-level SAC agent acts once per action chunk; only its action space differs between methods
+(tmrl: z, sigma, eps_c; fixed_sigma: z, eps_c; dsrl: z; sac: the raw chunk). Every count of progress is
+in REAL environment steps (``("next", "env_steps")`` of each chunk), never in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
+from torchrl.collectors import Collector
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
+from torchrl.envs.utils import ExplorationType, exploration_type, set_exploration_type
+from tqdm import tqdm
+
+from app import tracking
+from app.config import flatten, to_yaml
+from app.envs.batched_maze import TaskConfig, maze_dims
+from app.envs.torchrl_envs import METHODS, make_chunk_env
+from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.policy import CSPPolicy
+from modules.tmrl.actor import ChunkActor, HeadSpec
+from modules.tmrl.critic import CriticEnsemble
+from modules.tmrl.loss import TMRLLoss, make_optimizers, update
+
+ENV_STEPS = "env_steps"
+
+
+@dataclass
+class ChunkConfig:
+    """How a high-level action becomes low-level actions."""
+
+    exec_horizon: int = 5  # H_exec: actions of each chunk run open loop
+    sample_steps: int = 10  # K Euler steps of the base policy
+    sigma_max: float = 1.0  # tmrl: sigma = sigma_max * (u + 1) / 2
+    fixed_sigma: float = 0.5  # fixed_sigma method (dsrl always uses 0)
+    eps_bound: float = 2.0  # eps_c in [-eps_bound, eps_bound]^d_c
+    z_mode: str = "repeat"  # "repeat": one d_a vector over the chunk; "full": L x d_a
+    z_map: str = "erfinv"  # "erfinv": uniform code -> N(0, 1) noise; "linear": 3 * u
+
+
+@dataclass
+class AgentConfig:
+    """The high-level SAC agent and its updates."""
+
+    hidden: int = 256
+    actor_layers: int = 2
+    critic_layers: int = 3
+    num_critics: int = 5
+    gamma: float = 0.99  # per ENVIRONMENT step; a chunk of n steps discounts by gamma ** n
+    tau: float = 0.005
+    lr: float = 3e-4
+    init_alpha: float = 1.0
+    entropy_in_target: bool = True
+    batch_size: int = 256
+    utd_ratio: float = 1.0  # gradient updates per collected high-level transition (chunk)
+
+
+@dataclass
+class CollectConfig:
+    """Data collection and replay."""
+
+    num_envs: int = 8  # sub-environments stepped together (the base policy samples for all at once)
+    chunks_per_batch: int = 1  # high-level steps per sub-env per collector batch
+    warmup_chunks: int = 500  # uniform random high-level actions before the agent acts
+    buffer_size: int = 1_000_000
+    memmap: bool = False  # LazyMemmapStorage (on disk) instead of LazyTensorStorage (memory)
+
+
+@dataclass
+class FinetuneEvalConfig:
+    """Periodic evaluation on a fixed, seeded set of episodes (deterministic agent)."""
+
+    every_env_steps: int = 10_000
+    episodes: int = 10
+    seed: int = 12345
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `tmrl finetune` needs."""
+
+    seed: int = 0
+    method: str = "tmrl"  # tmrl | dsrl | fixed_sigma | sac
+    env_steps: int = 100_000  # total REAL environment steps
+    checkpoint_every_env_steps: int = 50_000
+    output_dir: str = "runs"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    tracking: tracking.TrackingConfig = field(default_factory=tracking.TrackingConfig)
+    progress_bar: bool = True
+    threads: int = 1  # torch threads: small nets and a busy 2-core machine favour 1 (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; expected one of {sorted(METHODS)}")
+        if self.env_steps < 1:
+            raise ValueError(f"env_steps must be >= 1, got {self.env_steps}")
+
+
+def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
+    """Refuse a pre-trained policy whose observation/action/goal sizes do not fit the target env."""
+    obs_dim, action_dim = maze_dims(task.env)
+    want = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": 2}
+    have = {"obs_dim": policy.obs_dim, "action_dim": policy.action_dim, "goal_dim": policy.goal_dim}
+    bad = [f"{k}: policy {have[k]} vs env {want[k]}" for k in want if have[k] != want[k]]
+    if bad:
+        raise ValueError(
+            f"the policy of run {run_id!r} does not fit task.env={task.env!r} ({'; '.join(bad)}); "
+            f"pre-train on an environment with the same observation and action spaces"
+        )
+
+
+def head_specs(decoder) -> list[HeadSpec]:
+    """The high-level action layout: one tanh-Gaussian head per part of the decoder's flat action
+    (the raw-action decoder of "sac" is one head)."""
+    sizes = getattr(decoder, "sizes", {"action": decoder.action_dim})
+    return [HeadSpec(name, dim) for name, dim in sizes.items()]
+
+
+class ActorPolicy(torch.nn.Module):
+    """The actor as the collector's policy: samples while exploring, tanh(mean) when deterministic."""
+
+    def __init__(self, actor: ChunkActor) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, observation: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        deterministic = exploration_type() == ExplorationType.DETERMINISTIC
+        action, _ = self.actor(torch.cat([observation, goal], dim=-1), deterministic=deterministic)
+        return action
+
+
+def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLLoss:
+    names = [h.name for h in heads]
+    sigma_index = sum(h.dim for h in heads[: names.index("sigma")]) if "sigma" in names else None
+    actor = ChunkActor(state_dim, heads, hidden=cfg.hidden, layers=cfg.actor_layers)
+    critic = CriticEnsemble(
+        state_dim,
+        sum(h.dim for h in heads),
+        num_critics=cfg.num_critics,
+        hidden=cfg.hidden,
+        layers=cfg.critic_layers,
+        sigma_index=sigma_index,
+    )
+    return TMRLLoss(
+        actor,
+        critic,
+        heads,
+        gamma=cfg.gamma,
+        init_alpha=cfg.init_alpha,
+        entropy_in_target=cfg.entropy_in_target,
+        tau=cfg.tau,
+    )
+
+
+def make_collector(env, policy: TensorDictModule, cfg: CollectConfig) -> Collector:
+    return Collector(
+        env,
+        policy,
+        frames_per_batch=cfg.num_envs * cfg.chunks_per_batch,
+        total_frames=-1,
+        init_random_frames=cfg.warmup_chunks,
+        auto_register_policy_transforms=False,  # the actor is stateless: no InitTracker needed
+    )
+
+
+def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> ReplayBuffer:
+    storage = (
+        LazyMemmapStorage(cfg.buffer_size, scratch_dir=scratch_dir)
+        if cfg.memmap
+        else LazyTensorStorage(cfg.buffer_size)
+    )
+    return ReplayBuffer(storage=storage, batch_size=batch_size)
+
+
+@torch.no_grad()
+def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int) -> float:
+    """Success rate of the deterministic agent over the eval env's sub-envs (one fixed episode each)."""
+    env.set_seed(seed)
+    td = env.reset()
+    done = torch.zeros(env.batch_size[0], dtype=torch.bool)
+    success = torch.zeros_like(done)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        for _ in range(max_chunks):
+            td = env.step(policy(td))
+            finished = td["next", "done"].squeeze(-1) & ~done
+            success |= finished & td["next", "success"].squeeze(-1)
+            done |= finished
+            if done.all():
+                break
+            td = td["next"].exclude("reward", "done", "terminated", "truncated", ENV_STEPS)
+    return float(success.float().mean())
+
+
+def batch_stats(batch: TensorDict, decoder) -> dict[str, float]:
+    """Training-side metrics of one collected batch: finished episodes' success, sigma chosen."""
+    out: dict[str, float] = {}
+    done = batch["next", "done"].squeeze(-1)
+    if done.any():
+        out["train/episode_success"] = float(batch["next", "success"].squeeze(-1)[done].float().mean())
+    parts = decoder.split(batch[ACTION]) if hasattr(decoder, "split") else {}
+    if "sigma" in parts:
+        out["train/sigma_mean"] = float(parts["sigma"].mean())
+        out["train/sigma_std"] = float(parts["sigma"].std()) if parts["sigma"].numel() > 1 else 0.0
+    return out
+
+
+def save_agent(path: Path, loss: TMRLLoss, optimizers: dict, counters: dict[str, int]) -> Path:
+    """Everything needed to continue: actor, critics, targets and temperatures (the loss module's state),
+    the optimizers, and the step counters."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "loss": loss.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "counters": dict(counters),
+        },
+        path,
+    )
+    return path
+
+
+def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> CSPPolicy:
+    """Fetch the pre-training run's exported policy; refuse a run that does not exist, is not a CSP
+    pre-training run, or whose policy does not fit the target environment."""
+    files = tracking.fetch_pretrain_run(tracking.resolve_uri(cfg.tracking), from_run, tmp)
+    policy = CSPPolicy.load(files["policy"]).requires_grad_(False)
+    check_compatible(policy, cfg.task, from_run)
+    return policy
+
+
+def finetune(cfg: FinetuneConfig, from_run: str) -> str:
+    """Fine-tune the CSP policy of run ``from_run`` with ``cfg.method``; returns the new run's id."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = load_base_policy(cfg, from_run, tmp) if cfg.method != "sac" else None
+        if cfg.method == "sac":  # no base policy, but the run id must still be a valid pre-training run
+            tracking.fetch_pretrain_run(tracking.resolve_uri(cfg.tracking), from_run, tmp)
+    c = cfg.chunk
+    env_kw = dict(task=cfg.task, policy=policy, method=cfg.method, exec_horizon=c.exec_horizon)
+    env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
+    env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps)
+    env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
+    eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
+    heads = head_specs(env.decoder)
+    state_dim = env.observation_spec[OBS].shape[-1] + env.observation_spec[GOAL].shape[-1]
+    loss = make_agent(state_dim, heads, cfg.agent)
+    optimizers = make_optimizers(loss, lr=cfg.agent.lr)
+    actor_policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
+    collector = make_collector(env, actor_policy, cfg.collect)
+
+    client, run_id = tracking.start_run(
+        cfg.tracking,
+        stage="finetune",
+        tags={tracking.PRETRAIN_TAG: from_run, "tmrl.method": cfg.method},
+        parent_run_id=from_run,
+    )
+    tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
+    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    run_dir = Path(cfg.output_dir) / run_id
+    buffer = make_buffer(cfg.collect, cfg.agent.batch_size, run_dir / "buffer")
+    max_chunks = math.ceil(cfg.task.max_steps / c.exec_horizon) + 1
+    counters = {"env_steps": 0, "chunks": 0, "updates": 0}
+    next_eval, next_ckpt, owed = 0, cfg.checkpoint_every_env_steps, 0.0
+    bar = tqdm(total=cfg.env_steps, unit="step", desc=f"finetune {cfg.method}", disable=not cfg.progress_bar)
+    ok = False
+    try:
+        for batch in collector:
+            # collect -> extend
+            flat = batch.reshape(-1)
+            buffer.extend(flat)
+            steps = int(flat["next", ENV_STEPS].sum())
+            counters["env_steps"] += steps
+            counters["chunks"] += flat.numel()
+            metrics = batch_stats(flat, env.decoder)
+            # update (UTD ratio per collected transition), then sync the collector's policy weights
+            if len(buffer) >= max(cfg.collect.warmup_chunks, cfg.agent.batch_size):
+                owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
+                while owed >= 1:
+                    out = update(loss, optimizers, buffer.sample())  # includes the Polyak target step
+                    counters["updates"] += 1
+                    owed -= 1
+                if counters["updates"]:
+                    metrics.update({f"train/{k}": float(v) for k, v in out.items()})
+                collector.update_policy_weights_()
+            # evaluate on the fixed episodes, log against real env steps
+            if counters["env_steps"] >= next_eval:
+                metrics["eval/success_rate"] = evaluate(eval_env, actor_policy, max_chunks, cfg.eval.seed)
+                next_eval += cfg.eval.every_env_steps
+            tracking.log_metrics(client, run_id, metrics, step=counters["env_steps"])
+            bar.update(steps)
+            bar.set_postfix(
+                {
+                    k.split("/")[-1]: f"{v:.2f}"
+                    for k, v in metrics.items()
+                    if k in ("eval/success_rate", "train/episode_success", "train/sigma_mean")
+                }
+            )
+            if counters["env_steps"] >= next_ckpt:
+                ckpt = save_agent(run_dir / "checkpoints" / "agent_last.pt", loss, optimizers, counters)
+                client.log_artifact(run_id, str(ckpt), "checkpoints")
+                next_ckpt += cfg.checkpoint_every_env_steps
+            if counters["env_steps"] >= cfg.env_steps:
+                break
+        final = evaluate(eval_env, actor_policy, max_chunks, cfg.eval.seed)
+        tracking.log_metrics(client, run_id, {"eval/success_rate": final}, step=counters["env_steps"])
+        ckpt = save_agent(run_dir / "checkpoints" / "agent_final.pt", loss, optimizers, counters)
+        client.log_artifact(run_id, str(ckpt), "checkpoints")
+        print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
+        ok = True
+    finally:
+        bar.close()
+        collector.shutdown()
+        tracking.end_run(client, run_id, ok=ok)
+    return run_id

@@ -1,0 +1,139 @@
+"""The high-level TMRL actor: one tanh-squashed Gaussian head per part of the chunk-level action.
+
+The high-level action is ONE flat vector in [-1, 1]^D laid out head after head, e.g.
+``[HeadSpec("z", 2), HeadSpec("sigma", 1), HeadSpec("eps_c", 2)]`` gives D = 5 with z in
+``action[:, 0:2]``, sigma in ``action[:, 2:3]`` and eps_c in ``action[:, 3:5]``. Each head keeps its
+own log-probability so that the loss can give each its own temperature (METHOD.md section 2).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_LOG2 = math.log(2.0)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class HeadSpec:
+    """One part of the high-level action.
+
+    Attributes:
+        name: used in diagnostics (``alpha_<name>``, ``entropy_<name>``) and by ``split_heads``.
+        dim: number of action dimensions of this head.
+        target_entropy: SAC entropy target of this head's temperature; None means ``-dim``.
+    """
+
+    name: str
+    dim: int
+    target_entropy: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ValueError(f"HeadSpec {self.name!r}: dim must be >= 1, got {self.dim}")
+
+    @property
+    def entropy_target(self) -> float:
+        """The target entropy actually used: the override, or ``-dim``."""
+        return -float(self.dim) if self.target_entropy is None else float(self.target_entropy)
+
+
+def head_slices(heads: list[HeadSpec]) -> dict[str, slice]:
+    """Where each head lives in the flat action vector, in layout order."""
+    slices, start = {}, 0
+    for head in heads:
+        if head.name in slices:
+            raise ValueError(f"duplicate head name {head.name!r}")
+        slices[head.name] = slice(start, start + head.dim)
+        start += head.dim
+    return slices
+
+
+def split_heads(action: Tensor, heads: list[HeadSpec]) -> dict[str, Tensor]:
+    """Split a flat action (..., D) into ``{name: (..., dim)}`` views."""
+    return {name: action[..., sl] for name, sl in head_slices(heads).items()}
+
+
+def tanh_log_det(u: Tensor) -> Tensor:
+    """log |d tanh(u) / du| = log(1 - tanh(u)^2), elementwise, in a form stable for large |u|.
+
+    Uses 1 - tanh(u)^2 = 4 e^{-2u} / (1 + e^{-2u})^2, so the log is 2 * (log 2 - u - softplus(-2u));
+    evaluating log(1 - tanh(u)^2) directly gives -inf once tanh(u) rounds to 1.
+    """
+    return 2.0 * (_LOG2 - u - F.softplus(-2.0 * u))
+
+
+def mlp_trunk(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    """Linear -> LayerNorm -> ReLU, ``layers`` times (LayerNorm keeps the features' scale steady)."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.LayerNorm(hidden), nn.ReLU()]
+    return nn.Sequential(*mods)
+
+
+class ChunkActor(nn.Module):
+    """Squashed-Gaussian SAC actor over the flat high-level action, one output layer per head.
+
+    Args:
+        state_dim: size of the high-level state (observation ++ goal).
+        heads: the action layout; D = sum of the heads' dims.
+        hidden, layers: trunk width and depth.
+        log_std_min, log_std_max: range the pre-tanh log-std is smoothly squashed into.
+    """
+
+    def __init__(
+        self,
+        state_dim: int,
+        heads: list[HeadSpec],
+        hidden: int = 256,
+        layers: int = 2,
+        log_std_min: float = -5.0,
+        log_std_max: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("ChunkActor needs at least one head")
+        if layers < 1:
+            raise ValueError(f"ChunkActor needs layers >= 1, got {layers}")
+        head_slices(heads)  # validates unique names
+        self.heads = list(heads)
+        self.action_dim = sum(h.dim for h in heads)
+        self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
+        self.trunk = mlp_trunk(state_dim, hidden, layers)
+        self.outs = nn.ModuleList(nn.Linear(hidden, 2 * h.dim) for h in heads)
+
+    def _squash_log_std(self, raw: Tensor) -> Tensor:
+        # tanh keeps the gradient alive at the bounds, unlike a hard clamp
+        half_range = 0.5 * (self.log_std_max - self.log_std_min)
+        return self.log_std_min + half_range * (torch.tanh(raw) + 1.0)
+
+    def forward(self, state: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+        """Sample (or take the mode of) the high-level action.
+
+        Args:
+            state: (B, state_dim).
+            deterministic: return tanh(loc) and zero log-probs instead of a reparameterized sample.
+
+        Returns:
+            action (B, D) in [-1, 1], log_probs (B, n_heads): each head's log-density of its part
+            of the squashed action (tanh correction included, summed over the head's dims).
+        """
+        features = self.trunk(state)  # (B, hidden)
+        actions, log_probs = [], []
+        for out in self.outs:
+            loc, raw_log_std = out(features).chunk(2, dim=-1)  # (B, dim) each
+            if deterministic:
+                actions.append(torch.tanh(loc))
+                log_probs.append(torch.zeros_like(loc[:, 0]))
+                continue
+            log_std = self._squash_log_std(raw_log_std)
+            noise = torch.randn_like(loc)
+            u = loc + log_std.exp() * noise  # (B, dim) pre-tanh sample, differentiable in loc/std
+            # Normal log-density written with the noise itself: (u - loc) / std == noise exactly
+            gauss = -0.5 * noise.pow(2) - log_std - _HALF_LOG_2PI
+            log_probs.append((gauss - tanh_log_det(u)).sum(-1))  # (B,)
+            actions.append(torch.tanh(u))
+        return torch.cat(actions, dim=-1), torch.stack(log_probs, dim=-1)

@@ -1,0 +1,121 @@
+"""`tmrl finetune` end to end on a tiny budget, its refusals, and what one update may and may not change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from tensordict.nn import TensorDictModule
+
+from app.cli import main
+from app.config import load_config
+from app.envs.torchrl_envs import make_chunk_env
+from app.finetune import ActorPolicy, FinetuneConfig, head_specs, make_agent, make_collector
+from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.policy import CSPPolicy, PolicyConfig
+from modules.tmrl.loss import make_optimizers, update
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FIT = str(ROOT / "configs" / "tiny" / "csp_state.yaml")
+TINY_FT = str(ROOT / "configs" / "tiny" / "tmrl.yaml")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny pre-training run (pointmaze-medium) in a module-wide sqlite store."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        mp.delenv("TMRL_RUN_ID", raising=False)
+        args = [f"data.path={tmp / 'demos.zarr'}", f"output_dir={tmp / 'runs'}", "eval.enabled=false",
+                f"tracking.artifact_location={tmp / 'artifacts'}"]  # fmt: skip
+        assert main(["fit", "--config", TINY_FIT, *args]) == 0
+    runs = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}").search_runs(["1"])
+    return tmp, runs[0].info.run_id
+
+
+@pytest.fixture
+def store(pretrained, monkeypatch):
+    tmp, run_id = pretrained
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri, run_id
+
+
+@pytest.mark.parametrize("method", ["tmrl", "dsrl", "sac"])
+def test_finetune_runs_nested_under_its_pretraining_run(store, tmp_path, capsys, method):
+    uri, parent = store
+    args = [
+        "finetune",
+        "--from-run",
+        parent,
+        "--config",
+        TINY_FT,
+        f"method={method}",
+        f"output_dir={tmp_path}",
+    ]
+    assert main(args) == 0
+    run_id = capsys.readouterr().out.strip().splitlines()[-1].split("=", 1)[1]
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["tmrl.pretrain_run_id"] == parent
+    assert run.data.tags["tmrl.stage"] == "finetune" and run.data.params["method"] == method
+    assert "eval/success_rate" in run.data.metrics and "train/loss_qvalue" in run.data.metrics
+    history = MlflowClient(uri).get_metric_history(run_id, "eval/success_rate")
+    assert max(m.step for m in history) >= 400  # logged against real environment steps
+    files = {f.path for f in MlflowClient(uri).list_artifacts(run_id, "checkpoints")}
+    assert {"checkpoints/agent_final.pt", "checkpoints/agent_last.pt"} <= files
+    ckpt = torch.load(tmp_path / run_id / "checkpoints" / "agent_final.pt", weights_only=True)
+    assert set(ckpt) == {"loss", "optimizers", "counters"} and ckpt["counters"]["env_steps"] >= 400
+    assert set(ckpt["optimizers"]) == {"actor", "critic", "alpha"}
+
+
+def test_unknown_run_is_refused(store, capsys):
+    assert main(["finetune", "--from-run", "feedfacefeedface", "--config", TINY_FT]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_finetuning_run_is_not_a_pretraining_run(store, tmp_path, capsys):
+    uri, parent = store
+    assert main(["finetune", "--from-run", parent, "--config", TINY_FT, f"output_dir={tmp_path}"]) == 0
+    child = capsys.readouterr().out.strip().splitlines()[-1].split("=", 1)[1]
+    assert main(["finetune", "--from-run", child, "--config", TINY_FT]) == 2
+    assert "not a CSP pre-training run" in capsys.readouterr().err
+
+
+def test_a_policy_that_does_not_fit_the_env_is_refused(store, tmp_path, capsys):
+    uri, parent = store
+    client = MlflowClient(uri)
+    run = client.create_run(client.get_run(parent).info.experiment_id, tags={"tmrl.stage": "pretrain"})
+    policy = CSPPolicy(
+        PolicyConfig(chunk_len=4, width=32, depth=1, heads=2), obs_dim=5, action_dim=2, goal_dim=2
+    )
+    policy.save(tmp_path / "policy.pt")
+    client.log_artifact(run.info.run_id, str(tmp_path / "policy.pt"), "checkpoints")
+    client.log_text(run.info.run_id, "seed: 0\n", "config.yaml")
+    assert main(["finetune", "--from-run", run.info.run_id, "--config", TINY_FT]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "obs_dim: policy 5 vs env 2" in err
+
+
+def test_one_update_changes_the_agent_and_never_the_frozen_policy(pretrained):
+    tmp, parent = pretrained
+    cfg = load_config(FinetuneConfig, TINY_FT)
+    policy = CSPPolicy.load(tmp / "runs" / parent / "policy.pt")
+    frozen = {k: v.clone() for k, v in policy.state_dict().items()}
+    env = make_chunk_env(cfg.task, 4, policy, "tmrl", exec_horizon=4, seed=0, steps=2)
+    loss = make_agent(4, head_specs(env.decoder), cfg.agent)
+    optimizers = make_optimizers(loss, lr=1e-2)
+    actor = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
+    cfg.collect.warmup_chunks = 0
+    collector = make_collector(env, actor, cfg.collect)
+    batch = next(iter(collector)).reshape(-1)
+    collector.shutdown()
+    before = {n: p.detach().clone() for n, p in loss.named_parameters()}
+    update(loss, optimizers, batch)
+    changed = {n for n, p in loss.named_parameters() if not torch.equal(before[n], p)}
+    assert any(n.startswith("actor.") for n in changed) and any("critic" in n for n in changed)
+    assert all(torch.equal(frozen[k], v) for k, v in policy.state_dict().items())
+    assert not any(p.requires_grad for p in policy.parameters())
