@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from app import tracking
 from app.config import flatten, to_yaml
 from app.envs.batched_maze import TaskConfig, maze_dims
-from app.envs.torchrl_envs import METHODS, make_chunk_env
+from app.envs.torchrl_envs import METHODS, ChunkEnv, make_chunk_env
 from modules.nets.keys import ACTION, GOAL, OBS
 from modules.nets.policy import CSPPolicy
 from modules.tmrl.actor import ChunkActor, HeadSpec
@@ -35,6 +36,7 @@ from modules.tmrl.critic import CriticEnsemble
 from modules.tmrl.loss import TMRLLoss, make_optimizers, update
 
 ENV_STEPS = "env_steps"
+PROGRESS_KEYS = ("eval/success_rate", "train/episode_success", "train/sigma_mean")
 
 
 @dataclass
@@ -244,6 +246,84 @@ def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> CSPPolicy:
     return policy
 
 
+@dataclass
+class Pipeline:
+    """The built pieces of a fine-tuning run."""
+
+    env: ChunkEnv
+    eval_env: ChunkEnv
+    loss: TMRLLoss
+    optimizers: dict[str, torch.optim.Optimizer]
+    policy: TensorDictModule  # the actor as the collector's policy
+    collector: Collector
+    buffer: ReplayBuffer
+
+
+def build_pipeline(cfg: FinetuneConfig, base: CSPPolicy | None, scratch_dir: Path) -> Pipeline:
+    """make_env -> make_agent -> make_collector -> make_buffer, each from its own sub-config."""
+    c = cfg.chunk
+    env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon)
+    env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
+    env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps)
+    env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
+    eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
+    state_dim = env.observation_spec[OBS].shape[-1] + env.observation_spec[GOAL].shape[-1]
+    loss = make_agent(state_dim, head_specs(env.decoder), cfg.agent)
+    policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
+    return Pipeline(
+        env=env,
+        eval_env=eval_env,
+        loss=loss,
+        optimizers=make_optimizers(loss, lr=cfg.agent.lr),
+        policy=policy,
+        collector=make_collector(env, policy, cfg.collect),
+        buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir),
+    )
+
+
+def run_loop(cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callable) -> dict[str, int]:
+    """collect -> extend -> update -> sync weights -> log -> evaluate -> checkpoint, until cfg.env_steps
+    real environment steps. ``log(metrics, step)`` and ``checkpoint(name, counters)`` are the run's."""
+    max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
+    counters = {"env_steps": 0, "chunks": 0, "updates": 0}
+    next_eval, next_ckpt, owed, shown = 0, cfg.checkpoint_every_env_steps, 0.0, {}
+    bar = tqdm(total=cfg.env_steps, unit="step", desc=f"finetune {cfg.method}", disable=not cfg.progress_bar)
+    for batch in p.collector:
+        flat = batch.reshape(-1)
+        p.buffer.extend(flat)
+        steps = int(flat["next", ENV_STEPS].sum())
+        counters["env_steps"] += steps
+        counters["chunks"] += flat.numel()
+        metrics = batch_stats(flat, p.env.decoder)
+        if len(p.buffer) >= max(cfg.collect.warmup_chunks, cfg.agent.batch_size):
+            owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
+            while owed >= 1:
+                out = update(p.loss, p.optimizers, p.buffer.sample())  # includes the Polyak target step
+                counters["updates"] += 1
+                owed -= 1
+            if counters["updates"]:
+                metrics.update({f"train/{k}": float(v) for k, v in out.items()})
+            p.collector.update_policy_weights_()
+        if counters["env_steps"] >= next_eval:
+            metrics["eval/success_rate"] = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
+            next_eval += cfg.eval.every_env_steps
+        log(metrics, counters["env_steps"])
+        shown |= {k.split("/")[-1]: f"{v:.2f}" for k, v in metrics.items() if k in PROGRESS_KEYS}
+        bar.update(steps)
+        bar.set_postfix(shown)
+        if counters["env_steps"] >= next_ckpt:
+            checkpoint("agent_last.pt", counters)
+            next_ckpt += cfg.checkpoint_every_env_steps
+        if counters["env_steps"] >= cfg.env_steps:
+            break
+    bar.close()
+    final = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
+    log({"eval/success_rate": final}, counters["env_steps"])
+    checkpoint("agent_final.pt", counters)
+    print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
+    return counters
+
+
 def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     """Fine-tune the CSP policy of run ``from_run`` with ``cfg.method``; returns the new run's id."""
     torch.manual_seed(cfg.seed)
@@ -251,83 +331,30 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        policy = load_base_policy(cfg, from_run, tmp) if cfg.method != "sac" else None
-        if cfg.method == "sac":  # no base policy, but the run id must still be a valid pre-training run
-            tracking.fetch_pretrain_run(tracking.resolve_uri(cfg.tracking), from_run, tmp)
-    c = cfg.chunk
-    env_kw = dict(task=cfg.task, policy=policy, method=cfg.method, exec_horizon=c.exec_horizon)
-    env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
-    env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps)
-    env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
-    eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
-    heads = head_specs(env.decoder)
-    state_dim = env.observation_spec[OBS].shape[-1] + env.observation_spec[GOAL].shape[-1]
-    loss = make_agent(state_dim, heads, cfg.agent)
-    optimizers = make_optimizers(loss, lr=cfg.agent.lr)
-    actor_policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
-    collector = make_collector(env, actor_policy, cfg.collect)
-
+        # "sac" uses no base policy, but the run it names must still be a fitting pre-training run
+        base = load_base_policy(cfg, from_run, tmp)
     client, run_id = tracking.start_run(
         cfg.tracking,
         stage="finetune",
         tags={tracking.PRETRAIN_TAG: from_run, "tmrl.method": cfg.method},
         parent_run_id=from_run,
     )
-    tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
-    client.log_text(run_id, to_yaml(cfg), "config.yaml")
     run_dir = Path(cfg.output_dir) / run_id
-    buffer = make_buffer(cfg.collect, cfg.agent.batch_size, run_dir / "buffer")
-    max_chunks = math.ceil(cfg.task.max_steps / c.exec_horizon) + 1
-    counters = {"env_steps": 0, "chunks": 0, "updates": 0}
-    next_eval, next_ckpt, owed = 0, cfg.checkpoint_every_env_steps, 0.0
-    bar = tqdm(total=cfg.env_steps, unit="step", desc=f"finetune {cfg.method}", disable=not cfg.progress_bar)
     ok = False
     try:
-        for batch in collector:
-            # collect -> extend
-            flat = batch.reshape(-1)
-            buffer.extend(flat)
-            steps = int(flat["next", ENV_STEPS].sum())
-            counters["env_steps"] += steps
-            counters["chunks"] += flat.numel()
-            metrics = batch_stats(flat, env.decoder)
-            # update (UTD ratio per collected transition), then sync the collector's policy weights
-            if len(buffer) >= max(cfg.collect.warmup_chunks, cfg.agent.batch_size):
-                owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
-                while owed >= 1:
-                    out = update(loss, optimizers, buffer.sample())  # includes the Polyak target step
-                    counters["updates"] += 1
-                    owed -= 1
-                if counters["updates"]:
-                    metrics.update({f"train/{k}": float(v) for k, v in out.items()})
-                collector.update_policy_weights_()
-            # evaluate on the fixed episodes, log against real env steps
-            if counters["env_steps"] >= next_eval:
-                metrics["eval/success_rate"] = evaluate(eval_env, actor_policy, max_chunks, cfg.eval.seed)
-                next_eval += cfg.eval.every_env_steps
-            tracking.log_metrics(client, run_id, metrics, step=counters["env_steps"])
-            bar.update(steps)
-            bar.set_postfix(
-                {
-                    k.split("/")[-1]: f"{v:.2f}"
-                    for k, v in metrics.items()
-                    if k in ("eval/success_rate", "train/episode_success", "train/sigma_mean")
-                }
-            )
-            if counters["env_steps"] >= next_ckpt:
-                ckpt = save_agent(run_dir / "checkpoints" / "agent_last.pt", loss, optimizers, counters)
-                client.log_artifact(run_id, str(ckpt), "checkpoints")
-                next_ckpt += cfg.checkpoint_every_env_steps
-            if counters["env_steps"] >= cfg.env_steps:
-                break
-        final = evaluate(eval_env, actor_policy, max_chunks, cfg.eval.seed)
-        tracking.log_metrics(client, run_id, {"eval/success_rate": final}, step=counters["env_steps"])
-        ckpt = save_agent(run_dir / "checkpoints" / "agent_final.pt", loss, optimizers, counters)
-        client.log_artifact(run_id, str(ckpt), "checkpoints")
-        print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
+        tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
+        client.log_text(run_id, to_yaml(cfg), "config.yaml")
+        p = build_pipeline(cfg, None if cfg.method == "sac" else base, run_dir / "buffer")
+
+        def checkpoint(name: str, counters: dict[str, int]) -> None:
+            path = save_agent(run_dir / "checkpoints" / name, p.loss, p.optimizers, counters)
+            client.log_artifact(run_id, str(path), "checkpoints")
+
+        try:
+            run_loop(cfg, p, lambda m, step: tracking.log_metrics(client, run_id, m, step), checkpoint)
+        finally:
+            p.collector.shutdown()
         ok = True
     finally:
-        bar.close()
-        collector.shutdown()
         tracking.end_run(client, run_id, ok=ok)
     return run_id

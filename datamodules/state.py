@@ -171,6 +171,7 @@ class StateDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"{self.cfg.path}: data.goal_sampling=segment needs the {SEGMENT_KEY!r} key, which this "
                     f"store lacks (keys {store.keys}); regenerate it with `tmrl demos` or use future/geometric"
+                    ""
                 )
             seg_end = segment_ends(ends, store.load(SEGMENT_KEY))
             train_w[:, 1], val_w[:, 1] = seg_end[train_w[:, 0]], seg_end[val_w[:, 0]]
