@@ -1,28 +1,40 @@
-"""`tmrl bench pretrain`: where pre-training time goes, measured in one run on this machine.
+"""`tmrl bench pretrain | finetune`: where the time goes, measured in one run on this machine.
+
+`tmrl bench pretrain`:
 
 1. Training samples/s through Lightning vs a bare PyTorch loop on the same model, the same initial
    weights and the same pre-drawn batches (the ratio is Lightning's overhead).
 2. Data-loader throughput (samples/s) vs what training consumes.
 3. Chunk-sampling latency of the policy (K Euler steps) at batch 1 and 64, and forward FLOPs per sample.
+
+`tmrl bench finetune`: env steps/s of the full fine-tuning loop, of the environment alone and of the base
+policy's chunk sampling alone at the same batch; the two set a floor (an env step needs both), and the
+loop's share of that floor is what collection, replay and SAC updates leave of it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from app.envs.batched_maze import BatchedMaze, maze_dims
+from app.finetune import FinetuneConfig, build_pipeline, run_loop
 from app.pretrain import ensure_demos
 from app.schema import FitConfig
 from datamodules.state import StateDataModule
 from modules.csp import CSPModule
-from modules.nets.keys import ACTION
-from modules.nets.policy import CSPPolicy
+from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.policy import CSPPolicy, PolicyConfig
 
 WARMUP = 3  # untimed steps: first-call allocations and thread-pool start-up
 
@@ -164,3 +176,71 @@ def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
     k = cfg.eval.sample_steps
     print(f"  sampling     K={k}  batch 1: {lat1:.2f} ms/call   batch 64: {lat64:.2f} ms/call")
     return figures
+
+
+def _unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
+    """Identity normalization: speed does not depend on the statistics."""
+    d_o, d_g, d_a = policy.obs_dim, policy.goal_dim, policy.action_dim
+    stats = {"observation_mean": np.zeros(d_o), "observation_std": np.ones(d_o)}
+    stats |= {"action_min": -np.ones(d_a), "action_max": np.ones(d_a)}
+    if d_g:
+        stats |= {"goal_mean": np.zeros(d_g), "goal_std": np.ones(d_g)}
+    return stats
+
+
+def env_steps_per_s(cfg: FinetuneConfig, steps: int) -> float:
+    """The batched maze alone, random actions, auto-reset of finished sub-envs."""
+    maze = BatchedMaze(cfg.task, cfg.collect.num_envs, seed=cfg.seed)
+    maze.reset()
+    rng = np.random.default_rng(0)
+    n, live, done = cfg.collect.num_envs, np.ones(cfg.collect.num_envs, bool), 0
+    start = time.perf_counter()
+    while done < steps:
+        out = maze.step(rng.uniform(-1, 1, (n, maze.action_dim)), live)
+        done += n
+        finished = out["terminated"] | out["truncated"]
+        if finished.any():
+            maze.reset(finished)
+    return done / (time.perf_counter() - start)
+
+
+def sampling_env_steps_per_s(env, exec_horizon: int, calls: int) -> float:
+    """The decoder (base-policy chunk sampling) alone at the env batch, in env steps it would serve."""
+    td = env.reset()
+    action = env.action_spec.rand()
+    env.decoder(action, td[OBS], td[GOAL])  # first call allocates
+    start = time.perf_counter()
+    for _ in range(calls):
+        env.decoder(action, td[OBS], td[GOAL])
+    return calls * env.batch_size[0] * exec_horizon / (time.perf_counter() - start)
+
+
+def bench_finetune(cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int) -> dict[str, float]:
+    """Full loop vs its floor (environment + base-policy sampling), at the config's batch of envs."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    obs_dim, action_dim = maze_dims(cfg.task.env)
+    base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=2)
+    base.set_normalization(_unit_stats(base))
+    cfg = dataclasses.replace(cfg, env_steps=env_steps, progress_bar=False)
+    cfg.eval.every_env_steps = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        p = build_pipeline(cfg, None if cfg.method == "sac" else base, Path(tmp))
+        r_env = env_steps_per_s(cfg, env_steps)
+        r_sample = sampling_env_steps_per_s(p.env, cfg.chunk.exec_horizon, 50)
+        start = time.perf_counter()
+        counters = run_loop(cfg, p, log=lambda m, s: None, checkpoint=lambda name, c: None)
+        r_loop = counters["env_steps"] / (time.perf_counter() - start)
+        p.collector.shutdown()
+    floor = 1.0 / (1.0 / r_env + 1.0 / r_sample)
+    n, h = cfg.collect.num_envs, cfg.chunk.exec_horizon
+    print(
+        f"tmrl bench finetune: method {cfg.method}, {n} envs, H_exec {h}, K {cfg.chunk.sample_steps}, "
+        f"policy width {policy_cfg.width} x {policy_cfg.depth}, {counters['env_steps']} env steps "
+        f"({counters['updates']} updates), torch threads {torch.get_num_threads()}"
+    )
+    print(f"  environment alone      {r_env:9.0f} env steps/s")
+    print(f"  chunk sampling alone   {r_sample:9.0f} env steps/s   (batch {n})")
+    print(f"  floor (both)           {floor:9.0f} env steps/s")
+    print(f"  full loop              {r_loop:9.0f} env steps/s   = {r_loop / floor:.0%} of the floor")
+    return {"env": r_env, "sampling": r_sample, "floor": floor, "loop": r_loop, "share": r_loop / floor}

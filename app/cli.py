@@ -116,6 +116,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench_pretrain(cfg, steps=args.steps)
 
 
+def cmd_bench_finetune(args: argparse.Namespace) -> None:
+    from app.bench import bench_finetune
+    from app.finetune import FinetuneConfig
+    from app.schema import FitConfig
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    policy_cfg = load_config(FitConfig, args.policy_config).policy
+    bench_finetune(cfg, policy_cfg, env_steps=args.env_steps)
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     from app.tracking import TrackingConfig, resolve_uri
 
@@ -169,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(b, default="configs/csp_state.yaml")
     b.add_argument("--steps", type=int, default=30, help="timed training steps per loop")
     b.set_defaults(func=cmd_bench)
+
+    b = bench.add_parser("finetune", help="fine-tuning loop vs its env + chunk-sampling floor")
+    b.add_argument("--config", default="configs/tmrl_pointmaze.yaml", help="fine-tuning config")
+    b.add_argument(
+        "--policy-config", default="configs/csp_state.yaml", help="fit config whose policy size to use"
+    )
+    b.add_argument("--env-steps", type=int, default=10_000, help="env steps of the timed loop")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning config overrides")
+    b.set_defaults(func=cmd_bench_finetune)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on the configured tracking store")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")

@@ -84,7 +84,7 @@ class CollectConfig:
 class FinetuneEvalConfig:
     """Periodic evaluation on a fixed, seeded set of episodes (deterministic agent)."""
 
-    every_env_steps: int = 10_000
+    every_env_steps: int = 10_000  # 0 disables evaluation (benchmarks)
     episodes: int = 10
     seed: int = 12345
 
@@ -304,7 +304,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callab
             if counters["updates"]:
                 metrics.update({f"train/{k}": float(v) for k, v in out.items()})
             p.collector.update_policy_weights_()
-        if counters["env_steps"] >= next_eval:
+        if cfg.eval.every_env_steps > 0 and counters["env_steps"] >= next_eval:
             metrics["eval/success_rate"] = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
             next_eval += cfg.eval.every_env_steps
         log(metrics, counters["env_steps"])
@@ -317,10 +317,11 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callab
         if counters["env_steps"] >= cfg.env_steps:
             break
     bar.close()
-    final = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
-    log({"eval/success_rate": final}, counters["env_steps"])
+    if cfg.eval.every_env_steps > 0:
+        final = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
+        log({"eval/success_rate": final}, counters["env_steps"])
+        print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
     checkpoint("agent_final.pt", counters)
-    print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
     return counters
 
 

@@ -119,3 +119,18 @@ def test_one_update_changes_the_agent_and_never_the_frozen_policy(pretrained):
     assert any(n.startswith("actor.") for n in changed) and any("critic" in n for n in changed)
     assert all(torch.equal(frozen[k], v) for k, v in policy.state_dict().items())
     assert not any(p.requires_grad for p in policy.parameters())
+
+
+def test_bench_commands_report_their_figures(tmp_path, capsys, monkeypatch):
+    """Smoke test of both benchmarks at test size: they run and print every figure (no timing asserted)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    ft = ["bench", "finetune", "--config", TINY_FT, "--policy-config", TINY_FIT, "--env-steps", "200"]
+    assert main(ft) == 0
+    out = capsys.readouterr().out
+    for label in ("environment alone", "chunk sampling alone", "floor (both)", "of the floor"):
+        assert label in out
+    pre = ["bench", "pretrain", "--config", TINY_FIT, "--steps", "4", f"data.path={tmp_path / 'd.zarr'}"]
+    assert main(pre) == 0
+    out = capsys.readouterr().out
+    for label in ("bare loop", "Lightning/bare", "data loader", "batch 64"):
+        assert label in out
