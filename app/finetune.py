@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector
@@ -29,6 +30,8 @@ from app import tracking
 from app.config import flatten, to_yaml
 from app.envs.batched_maze import TaskConfig, maze_dims
 from app.envs.torchrl_envs import METHODS, ChunkEnv, make_chunk_env
+from datamodules.episodes import EpisodeStore
+from datamodules.offline import demo_chunks, mixed_sample
 from modules.nets.keys import ACTION, GOAL, OBS
 from modules.nets.policy import CSPPolicy
 from modules.tmrl.actor import ChunkActor, HeadSpec
@@ -90,11 +93,23 @@ class FinetuneEvalConfig:
 
 
 @dataclass
+class OfflineConfig:
+    """RLPD-style mixing with the demonstrations (method=rlpd: raw actions, no base policy)."""
+
+    fraction: float = 0.5  # share of each replay batch drawn from the demonstrations
+    path: str | None = None  # episode store; None: the pre-training run's data.path
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"offline.fraction must be in [0, 1], got {self.fraction}")
+
+
+@dataclass
 class FinetuneConfig:
     """Everything `tmrl finetune` needs."""
 
     seed: int = 0
-    method: str = "tmrl"  # tmrl | dsrl | fixed_sigma | sac
+    method: str = "tmrl"  # tmrl | dsrl | fixed_sigma | sac | rlpd
     env_steps: int = 100_000  # total REAL environment steps
     checkpoint_every_env_steps: int = 50_000
     output_dir: str = "runs"
@@ -103,6 +118,7 @@ class FinetuneConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     tracking: tracking.TrackingConfig = field(default_factory=tracking.TrackingConfig)
     progress_bar: bool = True
     threads: int = 1  # torch threads: small nets and a busy 2-core machine favour 1 (0 = torch's default)
@@ -237,13 +253,24 @@ def save_agent(path: Path, loss: TMRLLoss, optimizers: dict, counters: dict[str,
     return path
 
 
-def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> CSPPolicy:
-    """Fetch the pre-training run's exported policy; refuse a run that does not exist, is not a CSP
-    pre-training run, or whose policy does not fit the target environment."""
+def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> tuple[CSPPolicy, str | None]:
+    """Fetch the pre-training run's exported policy and the path of its demonstrations; refuse a run that
+    does not exist, is not a CSP pre-training run, or whose policy does not fit the target environment."""
     files = tracking.fetch_pretrain_run(tracking.resolve_uri(cfg.tracking), from_run, tmp)
     policy = CSPPolicy.load(files["policy"]).requires_grad_(False)
     check_compatible(policy, cfg.task, from_run)
-    return policy
+    data = yaml.safe_load(files["config"].read_text()) or {}
+    return policy, (data.get("data") or {}).get("path")
+
+
+def open_demos(path: str | None, from_run: str) -> EpisodeStore:
+    """The demonstrations RLPD mixes in: ``offline.path``, else the pre-training run's ``data.path``."""
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(
+            f"method=rlpd needs the demonstrations of run {from_run!r}, but {path!r} is not on this machine; "
+            f"set offline.path=<episode store>"
+        )
+    return EpisodeStore.open(path)
 
 
 @dataclass
@@ -257,10 +284,19 @@ class Pipeline:
     policy: TensorDictModule  # the actor as the collector's policy
     collector: Collector
     buffer: ReplayBuffer
+    offline: TensorDict | None = None  # demonstration chunks mixed into every replay batch (rlpd)
+
+    def sample(self, batch_size: int, offline_fraction: float) -> TensorDict:
+        if self.offline is None:
+            return self.buffer.sample()
+        return mixed_sample(self.buffer, self.offline, batch_size, offline_fraction)
 
 
-def build_pipeline(cfg: FinetuneConfig, base: CSPPolicy | None, scratch_dir: Path) -> Pipeline:
-    """make_env -> make_agent -> make_collector -> make_buffer, each from its own sub-config."""
+def build_pipeline(
+    cfg: FinetuneConfig, base: CSPPolicy | None, scratch_dir: Path, demos: EpisodeStore | None = None
+) -> Pipeline:
+    """make_env -> make_agent -> make_collector -> make_buffer, each from its own sub-config; with
+    ``demos``, their chunks (same H_exec, reward and discount semantics as online data) for mixing."""
     c = cfg.chunk
     env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon)
     env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
@@ -278,6 +314,9 @@ def build_pipeline(cfg: FinetuneConfig, base: CSPPolicy | None, scratch_dir: Pat
         policy=policy,
         collector=make_collector(env, policy, cfg.collect),
         buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir),
+        offline=None
+        if demos is None
+        else demo_chunks(demos, env.maze.goal_xy, env.maze.goal_tol, cfg.chunk.exec_horizon),
     )
 
 
@@ -298,7 +337,8 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callab
         if len(p.buffer) >= max(cfg.collect.warmup_chunks, cfg.agent.batch_size):
             owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
             while owed >= 1:
-                out = update(p.loss, p.optimizers, p.buffer.sample())  # includes the Polyak target step
+                batch = p.sample(cfg.agent.batch_size, cfg.offline.fraction)
+                out = update(p.loss, p.optimizers, batch)  # includes the Polyak target step
                 counters["updates"] += 1
                 owed -= 1
             if counters["updates"]:
@@ -332,8 +372,9 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        # "sac" uses no base policy, but the run it names must still be a fitting pre-training run
-        base = load_base_policy(cfg, from_run, tmp)
+        # "sac"/"rlpd" use no base policy, but the run they name must still be a fitting pre-training run
+        base, demos_path = load_base_policy(cfg, from_run, tmp)
+    demos = open_demos(cfg.offline.path or demos_path, from_run) if cfg.method == "rlpd" else None
     client, run_id = tracking.start_run(
         cfg.tracking,
         stage="finetune",
@@ -345,7 +386,8 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     try:
         tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
         client.log_text(run_id, to_yaml(cfg), "config.yaml")
-        p = build_pipeline(cfg, None if cfg.method == "sac" else base, run_dir / "buffer")
+        raw = cfg.method in ("sac", "rlpd")
+        p = build_pipeline(cfg, None if raw else base, run_dir / "buffer", demos)
 
         def checkpoint(name: str, counters: dict[str, int]) -> None:
             path = save_agent(run_dir / "checkpoints" / name, p.loss, p.optimizers, counters)

@@ -44,7 +44,7 @@ def store(pretrained, monkeypatch):
     return uri, run_id
 
 
-@pytest.mark.parametrize("method", ["tmrl", "dsrl", "sac"])
+@pytest.mark.parametrize("method", ["tmrl", "dsrl", "fixed_sigma", "sac", "rlpd"])
 def test_finetune_runs_nested_under_its_pretraining_run(store, tmp_path, capsys, method):
     uri, parent = store
     args = [

@@ -126,6 +126,8 @@ class BatchedMaze:
             goal_xy=maze.ij_to_xy(goal_ij),
         )
         self.init_ij, self.goal_ij = init_ij, goal_ij
+        self.goal_xy = np.asarray(maze.ij_to_xy(goal_ij), dtype=np.float32)  # the goal cell's centre
+        self.goal_tol = float(maze._goal_tol)  # the env's own success radius
         self.obs_dim = int(self._envs[0].observation_space.shape[0])
         self.action_dim = int(self._envs[0].action_space.shape[0])
         self.goal_dim = len(GOAL_INDICES)

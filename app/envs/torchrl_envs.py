@@ -311,6 +311,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "fixed_sigma": {"heads": ["z", "eps_c"]},  # the ablation: sigma fixed at decoder_kw's fixed_sigma
     "dsrl": {"heads": ["z"], "fixed_sigma": 0.0},  # CSP at sigma = 0 is plain BC: steer the noise only
     "sac": None,
+    "rlpd": None,  # sac + replay batches half from the demonstrations (app/finetune.py)
 }
 
 
