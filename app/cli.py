@@ -1,8 +1,9 @@
-"""The `tmrl` command: fit | finetune | eval | demos | bench | ui.
+"""The `tmrl` command: fit | finetune | compare | eval | demos | bench | ui.
 
     tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
     tmrl fit --config configs/csp_state.yaml --print-config
     tmrl finetune --from-run <run_id> method=dsrl env_steps=50000 seed=1
+    tmrl compare --parent <run_id>
     tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
     tmrl bench pretrain --config configs/csp_state.yaml
@@ -64,6 +65,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     run_id = finetune(cfg, args.from_run)
     print(f"[tmrl] nested under pre-training run {args.from_run}; compare runs with `tmrl ui`")
     print(f"run_id={run_id}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from app.compare import compare
+    from app.tracking import TrackingConfig, resolve_uri
+
+    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -153,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")
     _add_config_args(p, default="configs/tmrl_pointmaze.yaml")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("compare", help="plot the fine-tuning runs of one pre-training run, by method")
+    p.add_argument("--parent", required=True, help="MLflow run id of the `tmrl fit` run")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")
     p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")

@@ -134,3 +134,15 @@ def test_bench_commands_report_their_figures(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     for label in ("bare loop", "Lightning/bare", "data loader", "batch 64"):
         assert label in out
+
+
+def test_compare_plots_every_method_on_the_parent(store, tmp_path, capsys):
+    uri, parent = store
+    for method in ("tmrl", "dsrl"):
+        args = ["finetune", "--from-run", parent, "--config", TINY_FT, f"method={method}", "env_steps=100"]
+        assert main([*args, f"output_dir={tmp_path}"]) == 0
+    assert main(["compare", "--parent", parent]) == 0
+    out = capsys.readouterr().out
+    assert "tmrl" in out and "dsrl" in out and "final success" in out
+    files = {f.path for f in MlflowClient(uri).list_artifacts(parent, "plots")}
+    assert "plots/finetune_comparison.png" in files
