@@ -120,6 +120,7 @@ class FinetuneConfig:
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     tracking: tracking.TrackingConfig = field(default_factory=tracking.TrackingConfig)
+    resume: str | None = None  # id of a fine-tuning run (of the same pre-training run) to continue
     progress_bar: bool = True
     threads: int = 1  # torch threads: small nets and a busy 2-core machine favour 1 (0 = torch's default)
 
@@ -186,13 +187,13 @@ def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLL
     )
 
 
-def make_collector(env, policy: TensorDictModule, cfg: CollectConfig) -> Collector:
+def make_collector(env, policy: TensorDictModule, cfg: CollectConfig, warmup: bool = True) -> Collector:
     return Collector(
         env,
         policy,
         frames_per_batch=cfg.num_envs * cfg.chunks_per_batch,
         total_frames=-1,
-        init_random_frames=cfg.warmup_chunks,
+        init_random_frames=cfg.warmup_chunks if warmup else 0,
         auto_register_policy_transforms=False,  # the actor is stateless: no InitTracker needed
     )
 
@@ -293,7 +294,11 @@ class Pipeline:
 
 
 def build_pipeline(
-    cfg: FinetuneConfig, base: CSPPolicy | None, scratch_dir: Path, demos: EpisodeStore | None = None
+    cfg: FinetuneConfig,
+    base: CSPPolicy | None,
+    scratch_dir: Path,
+    demos: EpisodeStore | None = None,
+    warmup: bool = True,
 ) -> Pipeline:
     """make_env -> make_agent -> make_collector -> make_buffer, each from its own sub-config; with
     ``demos``, their chunks (same H_exec, reward and discount semantics as online data) for mixing."""
@@ -312,7 +317,7 @@ def build_pipeline(
         loss=loss,
         optimizers=make_optimizers(loss, lr=cfg.agent.lr),
         policy=policy,
-        collector=make_collector(env, policy, cfg.collect),
+        collector=make_collector(env, policy, cfg.collect, warmup),
         buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir),
         offline=None
         if demos is None
@@ -320,13 +325,20 @@ def build_pipeline(
     )
 
 
-def run_loop(cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callable) -> dict[str, int]:
+def run_loop(
+    cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callable, start: dict[str, int] | None = None
+) -> dict[str, int]:
     """collect -> extend -> update -> sync weights -> log -> evaluate -> checkpoint, until cfg.env_steps
-    real environment steps. ``log(metrics, step)`` and ``checkpoint(name, counters)`` are the run's."""
+    real environment steps. ``log(metrics, step)`` and ``checkpoint(name, counters)`` are the run's;
+    ``start`` holds the counters of a resumed run."""
     max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
-    counters = {"env_steps": 0, "chunks": 0, "updates": 0}
-    next_eval, next_ckpt, owed, shown = 0, cfg.checkpoint_every_env_steps, 0.0, {}
-    bar = tqdm(total=cfg.env_steps, unit="step", desc=f"finetune {cfg.method}", disable=not cfg.progress_bar)
+    counters = dict(start or {"env_steps": 0, "chunks": 0, "updates": 0})
+    done = counters["env_steps"]
+    every_eval, every_ckpt = max(cfg.eval.every_env_steps, 1), cfg.checkpoint_every_env_steps
+    next_eval = 0 if not done else (done // every_eval + 1) * every_eval
+    next_ckpt, owed, shown = (done // every_ckpt + 1) * every_ckpt, 0.0, {}
+    bar = tqdm(total=cfg.env_steps, initial=done, unit="step", desc=f"finetune {cfg.method}",
+               disable=not cfg.progress_bar)  # fmt: skip
     for batch in p.collector:
         flat = batch.reshape(-1)
         p.buffer.extend(flat)
@@ -365,6 +377,49 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callab
     return counters
 
 
+def check_resume(client, cfg: FinetuneConfig, from_run: str) -> None:
+    """Refuse a ``resume`` id that is not a fine-tuning run of ``from_run`` with the same method."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_run(cfg.resume).data.tags
+    except MlflowException as err:
+        raise ValueError(
+            f"resume={cfg.resume!r} is not a run in {tracking.resolve_uri(cfg.tracking)}"
+        ) from err
+    if tags.get(tracking.PRETRAIN_TAG) != from_run or tags.get("tmrl.method") != cfg.method:
+        raise ValueError(
+            f"resume={cfg.resume!r} is not a method={cfg.method} fine-tuning run of {from_run!r} "
+            f"(it is {tags.get('tmrl.method')!r} from {tags.get(tracking.PRETRAIN_TAG)!r})"
+        )
+
+
+def resume_state(client, cfg: FinetuneConfig, run_dir: Path, p: Pipeline) -> dict[str, int]:
+    """Load the newest agent checkpoint of run ``cfg.resume`` (and its local replay buffer, if kept)."""
+    from mlflow.exceptions import MlflowException
+
+    ckpts = []
+    for name in ("agent_final.pt", "agent_last.pt"):
+        path = run_dir / "checkpoints" / name
+        if not path.exists():
+            try:
+                path = Path(client.download_artifacts(cfg.resume, f"checkpoints/{name}", str(run_dir)))
+            except (MlflowException, OSError):
+                continue
+        ckpts.append(torch.load(path, weights_only=True))
+    if not ckpts:
+        raise ValueError(f"resume={cfg.resume!r} has no agent checkpoint to continue from")
+    ckpt = max(ckpts, key=lambda c: c["counters"]["env_steps"])
+    p.loss.load_state_dict(ckpt["loss"])
+    for name, opt in p.optimizers.items():
+        opt.load_state_dict(ckpt["optimizers"][name])
+    if (run_dir / "replay").exists():
+        p.buffer.loads(run_dir / "replay")
+    else:
+        print(f"[tmrl] no local replay buffer under {run_dir}: continuing with an empty one")
+    return dict(ckpt["counters"])
+
+
 def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     """Fine-tune the CSP policy of run ``from_run`` with ``cfg.method``; returns the new run's id."""
     torch.manual_seed(cfg.seed)
@@ -375,26 +430,37 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
         # "sac"/"rlpd" use no base policy, but the run they name must still be a fitting pre-training run
         base, demos_path = load_base_policy(cfg, from_run, tmp)
     demos = open_demos(cfg.offline.path or demos_path, from_run) if cfg.method == "rlpd" else None
-    client, run_id = tracking.start_run(
-        cfg.tracking,
-        stage="finetune",
-        tags={tracking.PRETRAIN_TAG: from_run, "tmrl.method": cfg.method},
-        parent_run_id=from_run,
-    )
+    if cfg.resume:
+        client, run_id = tracking.client_for(cfg.tracking), cfg.resume
+        check_resume(client, cfg, from_run)
+    else:
+        client, run_id = tracking.start_run(
+            cfg.tracking,
+            stage="finetune",
+            tags={tracking.PRETRAIN_TAG: from_run, "tmrl.method": cfg.method},
+            parent_run_id=from_run,
+        )
     run_dir = Path(cfg.output_dir) / run_id
     ok = False
     try:
-        tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
-        client.log_text(run_id, to_yaml(cfg), "config.yaml")
         raw = cfg.method in ("sac", "rlpd")
-        p = build_pipeline(cfg, None if raw else base, run_dir / "buffer", demos)
+        p = build_pipeline(cfg, None if raw else base, run_dir / "buffer", demos, warmup=not cfg.resume)
+        start = None
+        if cfg.resume:
+            start = resume_state(client, cfg, run_dir, p)
+            client.update_run(run_id, status="RUNNING")
+        else:
+            tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
+            client.log_text(run_id, to_yaml(cfg), "config.yaml")
 
         def checkpoint(name: str, counters: dict[str, int]) -> None:
             path = save_agent(run_dir / "checkpoints" / name, p.loss, p.optimizers, counters)
             client.log_artifact(run_id, str(path), "checkpoints")
+            p.buffer.dumps(run_dir / "replay")  # local only: what a resumed run refills from
 
         try:
-            run_loop(cfg, p, lambda m, step: tracking.log_metrics(client, run_id, m, step), checkpoint)
+            log = lambda m, step: tracking.log_metrics(client, run_id, m, step)  # noqa: E731
+            run_loop(cfg, p, log, checkpoint, start)
         finally:
             p.collector.shutdown()
         ok = True

@@ -146,3 +146,19 @@ def test_compare_plots_every_method_on_the_parent(store, tmp_path, capsys):
     assert "tmrl" in out and "dsrl" in out and "final success" in out
     files = {f.path for f in MlflowClient(uri).list_artifacts(parent, "plots")}
     assert "plots/finetune_comparison.png" in files
+
+
+def test_finetune_resumes_its_run_from_the_checkpoint(store, tmp_path, capsys):
+    uri, parent = store
+    base = ["finetune", "--from-run", parent, "--config", TINY_FT, f"output_dir={tmp_path}"]
+    assert main(base) == 0
+    run_id = capsys.readouterr().out.strip().splitlines()[-1].split("=", 1)[1]
+    assert (tmp_path / run_id / "replay").exists()  # the buffer is kept locally for a resume
+    assert main([*base, "env_steps=800", f"resume={run_id}"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"run_id={run_id}"
+    ckpt = torch.load(tmp_path / run_id / "checkpoints" / "agent_final.pt", weights_only=True)
+    assert ckpt["counters"]["env_steps"] >= 800  # counting went on from the first run's ~400 steps
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "eval/success_rate")]
+    assert max(steps) >= 800 and MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    assert main([*base, "method=dsrl", f"resume={run_id}"]) == 2  # another method's run is refused
+    assert "is not a method=dsrl fine-tuning run" in capsys.readouterr().err
