@@ -169,9 +169,9 @@ class StateDataModule(L.LightningDataModule):
         if self.cfg.goal_sampling == "segment":
             if SEGMENT_KEY not in store.keys:
                 raise ValueError(
-                    f"{self.cfg.path}: data.goal_sampling=segment needs the {SEGMENT_KEY!r} key, which this "
-                    f"store lacks (keys {store.keys}); regenerate it with `tmrl demos` or use future/geometric"
-                    ""
+                    f"{self.cfg.path}: data.goal_sampling=segment needs the {SEGMENT_KEY!r} key, which "
+                    f"this store lacks (keys {store.keys}); regenerate it with `tmrl demos` or use "
+                    f"data.goal_sampling=future"
                 )
             seg_end = segment_ends(ends, store.load(SEGMENT_KEY))
             train_w[:, 1], val_w[:, 1] = seg_end[train_w[:, 0]], seg_end[val_w[:, 0]]
