@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.envs.batched_maze import BatchedMaze, maze_dims
-from app.finetune import FinetuneConfig, build_pipeline, run_loop
+from app.finetune import FinetuneConfig, RunHooks, build_pipeline, run_loop
 from app.pretrain import ensure_demos
 from app.schema import FitConfig
 from datamodules.state import StateDataModule
@@ -229,7 +229,7 @@ def bench_finetune(cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int
         r_env = env_steps_per_s(cfg, env_steps)
         r_sample = sampling_env_steps_per_s(p.env, cfg.chunk.exec_horizon, 50)
         start = time.perf_counter()
-        counters = run_loop(cfg, p, log=lambda m, s: None, checkpoint=lambda name, c: None)
+        counters = run_loop(cfg, p, RunHooks())
         r_loop = counters["env_steps"] / (time.perf_counter() - start)
         p.collector.shutdown()
     floor = 1.0 / (1.0 / r_env + 1.0 / r_sample)

@@ -30,6 +30,7 @@ from app import tracking
 from app.config import flatten, to_yaml
 from app.envs.batched_maze import TaskConfig, maze_dims
 from app.envs.torchrl_envs import METHODS, ChunkEnv, make_chunk_env
+from app.evaluate import _pyplot
 from datamodules.episodes import EpisodeStore
 from datamodules.offline import demo_chunks, mixed_sample
 from modules.nets.keys import ACTION, GOAL, OBS
@@ -208,15 +209,22 @@ def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> Repla
 
 
 @torch.no_grad()
-def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int) -> float:
-    """Success rate of the deterministic agent over the eval env's sub-envs (one fixed episode each)."""
+def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int, traces: list | None = None) -> float:
+    """Success rate of the deterministic agent over the eval env's sub-envs (one fixed episode each).
+
+    With ``traces`` (a list), appends per chunk (env step of each sub-env (N,), sigma chosen (N,), live (N,)),
+    the data of the sigma-over-an-episode plot."""
     env.set_seed(seed)
     td = env.reset()
     done = torch.zeros(env.batch_size[0], dtype=torch.bool)
     success = torch.zeros_like(done)
+    t = torch.zeros(env.batch_size[0], dtype=torch.long)
     with set_exploration_type(ExplorationType.DETERMINISTIC):
         for _ in range(max_chunks):
             td = env.step(policy(td))
+            if traces is not None and hasattr(env.decoder, "split"):
+                traces.append((t.clone(), env.decoder.split(td[ACTION])["sigma"].clone(), ~done))
+            t += td["next", ENV_STEPS].squeeze(-1)
             finished = td["next", "done"].squeeze(-1) & ~done
             success |= finished & td["next", "success"].squeeze(-1)
             done |= finished
@@ -224,6 +232,26 @@ def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int) -> float
                 break
             td = td["next"].exclude("reward", "done", "terminated", "truncated", ENV_STEPS)
     return float(success.float().mean())
+
+
+def plot_sigma_traces(traces: list, method: str, path: Path) -> Path:
+    """sigma chosen at each chunk of every evaluation episode, against the episode's env step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    steps = torch.stack([s for s, _, _ in traces])  # (chunks, N)
+    sigmas = torch.stack([g for _, g, _ in traces])
+    live = torch.stack([m for _, _, m in traces])
+    for k in range(steps.shape[1]):
+        keep = live[:, k]
+        ax.step(steps[keep, k], sigmas[keep, k], where="post", lw=1.0, alpha=0.7)
+    ax.set_xlabel("environment step in the episode")
+    ax.set_ylabel("sigma chosen")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{method}: context-noise level per chunk over the evaluation episodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def batch_stats(batch: TensorDict, decoder) -> dict[str, float]:
@@ -325,12 +353,18 @@ def build_pipeline(
     )
 
 
-def run_loop(
-    cfg: FinetuneConfig, p: Pipeline, log: Callable, checkpoint: Callable, start: dict[str, int] | None = None
-) -> dict[str, int]:
+@dataclass
+class RunHooks:
+    """Where the loop's outputs go: MLflow for `tmrl finetune`, nowhere for the benchmark."""
+
+    log: Callable[[dict[str, float], int], None] = lambda metrics, step: None
+    checkpoint: Callable[[str, dict[str, int]], None] = lambda name, counters: None
+    plot: Callable[[str, Callable[[Path], Path]], None] = lambda name, draw: None
+
+
+def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str, int] | None = None) -> dict:
     """collect -> extend -> update -> sync weights -> log -> evaluate -> checkpoint, until cfg.env_steps
-    real environment steps. ``log(metrics, step)`` and ``checkpoint(name, counters)`` are the run's;
-    ``start`` holds the counters of a resumed run."""
+    real environment steps; ``start`` holds the counters of a resumed run."""
     max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
     counters = dict(start or {"env_steps": 0, "chunks": 0, "updates": 0})
     done = counters["env_steps"]
@@ -359,21 +393,24 @@ def run_loop(
         if cfg.eval.every_env_steps > 0 and counters["env_steps"] >= next_eval:
             metrics["eval/success_rate"] = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
             next_eval += cfg.eval.every_env_steps
-        log(metrics, counters["env_steps"])
+        hooks.log(metrics, counters["env_steps"])
         shown |= {k.split("/")[-1]: f"{v:.2f}" for k, v in metrics.items() if k in PROGRESS_KEYS}
         bar.update(steps)
         bar.set_postfix(shown)
         if counters["env_steps"] >= next_ckpt:
-            checkpoint("agent_last.pt", counters)
+            hooks.checkpoint("agent_last.pt", counters)
             next_ckpt += cfg.checkpoint_every_env_steps
         if counters["env_steps"] >= cfg.env_steps:
             break
     bar.close()
     if cfg.eval.every_env_steps > 0:
-        final = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
-        log({"eval/success_rate": final}, counters["env_steps"])
+        traces: list = []
+        final = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed, traces)
+        hooks.log({"eval/success_rate": final}, counters["env_steps"])
+        if "sigma" in getattr(p.env.decoder, "sizes", {}):
+            hooks.plot("sigma_trace.png", lambda path: plot_sigma_traces(traces, cfg.method, path))
         print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
-    checkpoint("agent_final.pt", counters)
+    hooks.checkpoint("agent_final.pt", counters)
     return counters
 
 
@@ -458,9 +495,17 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
             client.log_artifact(run_id, str(path), "checkpoints")
             p.buffer.dumps(run_dir / "replay")  # local only: what a resumed run refills from
 
+        def plot(name: str, draw: Callable[[Path], Path]) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                client.log_artifact(run_id, str(draw(Path(tmp) / name)), "plots")
+
+        hooks = RunHooks(
+            log=lambda metrics, step: tracking.log_metrics(client, run_id, metrics, step),
+            checkpoint=checkpoint,
+            plot=plot,
+        )
         try:
-            log = lambda m, step: tracking.log_metrics(client, run_id, m, step)  # noqa: E731
-            run_loop(cfg, p, log, checkpoint, start)
+            run_loop(cfg, p, hooks, start)
         finally:
             p.collector.shutdown()
         ok = True
