@@ -221,7 +221,8 @@ def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int, traces: 
     t = torch.zeros(env.batch_size[0], dtype=torch.long)
     with set_exploration_type(ExplorationType.DETERMINISTIC):
         for _ in range(max_chunks):
-            td = env.step(policy(td))
+            # finished sub-envs are reset (their later episodes are ignored) so the batch steps on
+            td, td_next = env.step_and_maybe_reset(policy(td))
             if traces is not None and hasattr(env.decoder, "split"):
                 traces.append((t.clone(), env.decoder.split(td[ACTION])["sigma"].clone(), ~done))
             t += td["next", ENV_STEPS].squeeze(-1)
@@ -230,7 +231,7 @@ def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int, traces: 
             done |= finished
             if done.all():
                 break
-            td = td["next"].exclude("reward", "done", "terminated", "truncated", ENV_STEPS)
+            td = td_next
     return float(success.float().mean())
 
 
