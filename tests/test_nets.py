@@ -357,3 +357,26 @@ def test_nets_import_no_lightning_torchrl_mlflow() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_fourier_encoder_shapes_and_checkpoint_round_trip(tmp_path):
+    from modules.nets.encoders import FourierEncoder
+
+    enc = FourierEncoder(2, 16, 32)
+    assert enc(torch.zeros(5, 2)).shape == (5, 16)
+    assert enc.net[0].in_features == 2 * (1 + 2 * FourierEncoder.NUM_FREQS)
+    cfg = PolicyConfig(encoder="fourier", chunk_len=4, width=32, depth=1, heads=2, sample_steps=2)
+    policy = CSPPolicy(cfg, obs_dim=2, action_dim=2, goal_dim=2)
+    policy.set_normalization(
+        {
+            "observation_mean": np.zeros(2), "observation_std": np.ones(2), "goal_mean": np.zeros(2),
+            "goal_std": np.ones(2), "action_min": -np.ones(2), "action_max": np.ones(2),
+        }
+    )  # fmt: skip
+    policy.save(tmp_path / "p.pt")
+    obs = {"observation": torch.randn(3, 2), "goal": torch.randn(3, 2)}
+    z, eps = torch.randn(3, 4, 2), torch.randn(3, 2)
+    expected = policy.sample(obs, 0.2, action_noise=z, context_noise=eps)
+    assert torch.equal(
+        CSPPolicy.load(tmp_path / "p.pt").sample(obs, 0.2, action_noise=z, context_noise=eps), expected
+    )
