@@ -143,7 +143,7 @@ def test_maze_env_specs() -> None:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_chunk_env_specs(method: str, policy: CSPPolicy) -> None:
     env = make_chunk_env(TaskConfig(max_steps=6), 3, policy, method, exec_horizon=4, seed=0)
-    want = {"tmrl": 2 + 1 + 2, "fixed_sigma": 2 + 2, "dsrl": 2, "sac": 4 * 2}[method]
+    want = {"tmrl": 2 + 1 + 2, "fixed_sigma": 2 + 2, "dsrl": 2, "sac": 4 * 2, "rlpd": 4 * 2}[method]
     assert env.action_spec.shape == (3, want)
     check_env_specs(env, break_when_any_done="both")
 
