@@ -44,6 +44,9 @@ class StateDataConfig:
     # later state lies on a shortest path from the current one, so the demonstrated action fits the goal
     goal_sampling: str = "future"
     goal_geometric_p: float = 0.01  # success probability of the geometric offset (mean offset 1/p steps)
+    # probability that the goal is the LAST state of the goal range (for "segment": where the expert reached
+    # its goal), so far-away goals are seen from every point of the way, not only nearby ones
+    goal_end_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -56,6 +59,8 @@ class StateDataConfig:
             raise ValueError(f"data.goal_sampling must be one of {GOAL_SAMPLING}, got {self.goal_sampling!r}")
         if not 0.0 < self.goal_geometric_p <= 1.0:
             raise ValueError(f"data.goal_geometric_p must be in (0, 1], got {self.goal_geometric_p}")
+        if not 0.0 <= self.goal_end_p <= 1.0:
+            raise ValueError(f"data.goal_end_p must be in [0, 1], got {self.goal_end_p}")
 
 
 def window_starts(episode_ends: np.ndarray, episodes: np.ndarray, chunk_len: int) -> np.ndarray:
@@ -87,6 +92,7 @@ class WindowDataset(Dataset):
         goal_indices: list[int] | None,
         goal_sampling: str = "future",
         goal_geometric_p: float = 0.01,
+        goal_end_p: float = 0.0,
     ) -> None:
         self.observations = observations
         self.actions = actions
@@ -95,12 +101,15 @@ class WindowDataset(Dataset):
         self.goal_indices = None if goal_indices is None else np.asarray(goal_indices)
         self.goal_sampling = goal_sampling
         self.goal_geometric_p = goal_geometric_p
+        self.goal_end_p = goal_end_p
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def _goal_index(self, start: int, end: int) -> int:
         # torch's RNG: DataLoader seeds it per worker, so workers draw different goals.
+        if self.goal_end_p and torch.rand(()).item() < self.goal_end_p:
+            return end - 1
         if self.goal_sampling in ("future", "segment"):  # uniform over [start, goal_end)
             return int(torch.randint(start, end, ()).item())
         offset = int(np.floor(np.log1p(-torch.rand(()).item()) / np.log1p(-self.goal_geometric_p)))
@@ -185,6 +194,7 @@ class StateDataModule(L.LightningDataModule):
             goal_indices=goal_indices,
             goal_sampling=self.cfg.goal_sampling,
             goal_geometric_p=self.cfg.goal_geometric_p,
+            goal_end_p=self.cfg.goal_end_p,
         )
         self.train_set = WindowDataset(obs, act, train_w, **kwargs)
         self.val_set = WindowDataset(obs, act, val_w, **kwargs)

@@ -85,6 +85,20 @@ def test_segment_goals_stay_inside_the_current_segment(tmp_path):
             assert item[GOAL][0] == item[OBS][0] and step // 7 == goal_step // 7 and goal_step >= step
 
 
+def test_goal_end_p_one_always_picks_the_segments_last_state(tmp_path):
+    from datamodules.episodes import write_episodes
+
+    episodes = make_episodes([30, 20], obs_dim=2)
+    for ep in episodes:  # the expert switches goal every 7 steps
+        ep["expert_goal"] = np.repeat(np.arange(len(ep["action"])) // 7, 2).reshape(-1, 2).astype(np.float32)
+    store = write_episodes(tmp_path / "seg.zarr", episodes, {"goal_indices": [0, 1]})
+    dm = make_dm(store, chunk_len=4, val_fraction=0.0, goal_sampling="segment", goal_end_p=1.0)
+    for i in range(len(dm.train_set)):
+        item = dm.train_set[i]
+        step, length = int(item[OBS][1]), 30 if item[OBS][0] == 0 else 20
+        assert item[GOAL][1] == min(step // 7 * 7 + 6, length - 1)  # last step of the segment
+
+
 def test_segment_sampling_without_expert_goals_is_refused(synthetic_store):
     with pytest.raises(ValueError, match="expert_goal"):
         make_dm(synthetic_store, goal_sampling="segment")
