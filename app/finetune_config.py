@@ -1,0 +1,101 @@
+"""The typed schema of `tmrl finetune`: the method, the target task, chunk execution, the agent, data
+collection, evaluation, offline mixing and tracking. YAML under configs/ (tmrl_*.yaml) and command-line
+overrides are merged onto these defaults by ``app.config.load_config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.envs.batched_maze import TaskConfig
+from app.envs.torchrl_envs import METHODS
+from app.tracking import TrackingConfig
+
+
+@dataclass
+class ChunkConfig:
+    """How a high-level action becomes low-level actions."""
+
+    exec_horizon: int = 5  # H_exec: actions of each chunk run open loop
+    sample_steps: int = 10  # K Euler steps of the base policy
+    sigma_max: float = 1.0  # tmrl: sigma = sigma_max * (u + 1) / 2
+    fixed_sigma: float = 0.5  # fixed_sigma method (dsrl always uses 0)
+    eps_bound: float = 2.0  # eps_c in [-eps_bound, eps_bound]^d_c
+    z_mode: str = "repeat"  # "repeat": one d_a vector over the chunk; "full": L x d_a
+    z_map: str = "erfinv"  # "erfinv": uniform code -> N(0, 1) noise; "linear": 3 * u
+
+
+@dataclass
+class AgentConfig:
+    """The high-level SAC agent and its updates."""
+
+    hidden: int = 256
+    actor_layers: int = 2
+    critic_layers: int = 3
+    num_critics: int = 5
+    gamma: float = 0.99  # per ENVIRONMENT step; a chunk of n steps discounts by gamma ** n
+    tau: float = 0.005
+    lr: float = 3e-4
+    init_alpha: float = 1.0
+    entropy_in_target: bool = True
+    batch_size: int = 256
+    utd_ratio: float = 1.0  # gradient updates per collected high-level transition (chunk)
+
+
+@dataclass
+class CollectConfig:
+    """Data collection and replay."""
+
+    num_envs: int = 8  # sub-environments stepped together (the base policy samples for all at once)
+    chunks_per_batch: int = 1  # high-level steps per sub-env per collector batch
+    warmup_chunks: int = 500  # uniform random high-level actions before the agent acts
+    buffer_size: int = 1_000_000
+    memmap: bool = False  # LazyMemmapStorage (on disk) instead of LazyTensorStorage (memory)
+
+
+@dataclass
+class FinetuneEvalConfig:
+    """Periodic evaluation on a fixed, seeded set of episodes (deterministic agent)."""
+
+    every_env_steps: int = 10_000  # 0 disables evaluation (benchmarks)
+    episodes: int = 10
+    seed: int = 12345
+
+
+@dataclass
+class OfflineConfig:
+    """RLPD-style mixing with the demonstrations (method=rlpd: raw actions, no base policy)."""
+
+    fraction: float = 0.5  # share of each replay batch drawn from the demonstrations
+    path: str | None = None  # episode store; None: the pre-training run's data.path
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"offline.fraction must be in [0, 1], got {self.fraction}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `tmrl finetune` needs."""
+
+    seed: int = 0
+    method: str = "tmrl"  # tmrl | dsrl | fixed_sigma | sac | rlpd
+    env_steps: int = 100_000  # total REAL environment steps
+    checkpoint_every_env_steps: int = 50_000
+    output_dir: str = "runs"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resume: str | None = None  # id of a fine-tuning run (of the same pre-training run) to continue
+    progress_bar: bool = True
+    threads: int = 1  # torch threads: small nets and a busy 2-core machine favour 1 (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; expected one of {sorted(METHODS)}")
+        if self.env_steps < 1:
+            raise ValueError(f"env_steps must be >= 1, got {self.env_steps}")
