@@ -17,8 +17,6 @@ import torch
 
 from modules.nets.policy import LIGHTNING_KEY, CSPPolicy
 
-POLICY_CKPT_KEY = LIGHTNING_KEY  # the bare policy class looks for its checkpoint here
-
 
 @dataclass
 class OptimConfig:
@@ -79,4 +77,4 @@ class CSPModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the bare policy class reads this key: no Lightning needed to load a pre-trained policy
-        checkpoint[POLICY_CKPT_KEY] = self.ema.to_checkpoint()
+        checkpoint[LIGHTNING_KEY] = self.ema.to_checkpoint()

@@ -10,9 +10,9 @@ import lightning as L
 import torch
 
 from datamodules.state import StateDataConfig, StateDataModule
-from modules.csp import POLICY_CKPT_KEY, CSPModule, OptimConfig
+from modules.csp import CSPModule, OptimConfig
 from modules.nets.keys import GOAL, OBS
-from modules.nets.policy import CSPPolicy, PolicyConfig
+from modules.nets.policy import LIGHTNING_KEY, CSPPolicy, PolicyConfig
 
 
 def tiny_module(store, ema_decay=0.9) -> tuple[CSPModule, StateDataModule]:
@@ -60,7 +60,7 @@ def test_checkpoint_reloads_into_the_bare_policy_without_lightning(synthetic_sto
     trainer = fit_tiny(module, dm, tmp_path)
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
-    assert POLICY_CKPT_KEY in torch.load(ckpt, weights_only=True)
+    assert LIGHTNING_KEY in torch.load(ckpt, weights_only=True)
 
     torch.manual_seed(1)
     obs = {OBS: torch.randn(5, 3), GOAL: torch.randn(5, 2)}
