@@ -10,6 +10,7 @@ in REAL environment steps (``("next", "env_steps")`` of each chunk), never in ch
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 import yaml
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
-from torchrl.collectors import Collector
+from torchrl.collectors import Collector, MultiAsyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
 from torchrl.envs.utils import ExplorationType, exploration_type, set_exploration_type
 from tqdm import tqdm
@@ -100,15 +101,23 @@ def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLL
     )
 
 
-def make_collector(env, policy: TensorDictModule, cfg: CollectConfig, warmup: bool = True) -> Collector:
-    return Collector(
-        env,
-        policy,
-        frames_per_batch=cfg.num_envs * cfg.chunks_per_batch,
+def make_collector(
+    env: ChunkEnv, policy: TensorDictModule, cfg: CollectConfig, warmup: bool = True, env_fn: Callable | None = None
+) -> Collector | MultiAsyncCollector:
+    """In-process ``Collector`` on ``env`` (workers=0), or ``MultiAsyncCollector`` over ``cfg.workers``
+    processes that each build their env with ``env_fn(worker_index)``."""
+    kw = dict(
+        frames_per_batch=cfg.num_envs * cfg.chunks_per_batch,  # per worker
         total_frames=-1,
         init_random_frames=cfg.warmup_chunks if warmup else 0,
         auto_register_policy_transforms=False,  # the actor is stateless: no InitTracker needed
     )
+    if cfg.workers == 0:
+        return Collector(env, policy, **kw)
+    if env_fn is None:
+        raise ValueError(f"collect.workers={cfg.workers} needs env_fn, a picklable env factory")
+    envs = [functools.partial(env_fn, i) for i in range(cfg.workers)]
+    return MultiAsyncCollector(envs, policy, num_threads=1, **kw)
 
 
 def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> ReplayBuffer:
@@ -215,6 +224,12 @@ def open_demos(path: str | None, from_run: str) -> EpisodeStore:
     return EpisodeStore.open(path)
 
 
+def _worker_env(index: int, seed: int, **kw) -> ChunkEnv:
+    """The env of collector worker ``index`` (its own seed stream, one thread)."""
+    torch.set_num_threads(1)
+    return make_chunk_env(seed=seed + 1000 * (index + 1), **kw)
+
+
 @dataclass
 class Pipeline:
     """The built pieces of a fine-tuning run."""
@@ -224,7 +239,7 @@ class Pipeline:
     loss: TMRLLoss
     optimizers: dict[str, torch.optim.Optimizer]
     policy: TensorDictModule  # the actor as the collector's policy
-    collector: Collector
+    collector: Collector | MultiAsyncCollector
     buffer: ReplayBuffer
     offline: TensorDict | None = None  # demonstration chunks mixed into every replay batch (rlpd)
 
@@ -248,6 +263,7 @@ def build_pipeline(
     env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
     env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps)
     env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
+    worker_env = functools.partial(_worker_env, num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
     eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
     state_dim = env.observation_spec[OBS].shape[-1] + env.observation_spec[GOAL].shape[-1]
     loss = make_agent(state_dim, head_specs(env.decoder), cfg.agent)
@@ -258,7 +274,7 @@ def build_pipeline(
         loss=loss,
         optimizers=make_optimizers(loss, lr=cfg.agent.lr),
         policy=policy,
-        collector=make_collector(env, policy, cfg.collect, warmup),
+        collector=make_collector(env, policy, cfg.collect, warmup, worker_env),
         buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir),
         offline=None
         if demos is None

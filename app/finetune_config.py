@@ -48,6 +48,10 @@ class CollectConfig:
 
     num_envs: int = 8  # sub-environments stepped together (the base policy samples for all at once)
     chunks_per_batch: int = 1  # high-level steps per sub-env per collector batch
+    # 0: collect in this process (torchrl Collector), alternating with the updates; n >= 1: n worker
+    # processes (MultiAsyncCollector), each with num_envs sub-envs, collecting WHILE the agent updates
+    # (the workers act with weights at most one batch old)
+    workers: int = 0
     warmup_chunks: int = 500  # uniform random high-level actions before the agent acts
     buffer_size: int = 1_000_000
     memmap: bool = False  # LazyMemmapStorage (on disk) instead of LazyTensorStorage (memory)

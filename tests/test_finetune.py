@@ -123,6 +123,38 @@ def test_one_update_changes_the_agent_and_never_the_frozen_policy(pretrained):
     assert not any(p.requires_grad for p in policy.parameters())
 
 
+def test_worker_collector_acts_with_the_updated_weights(pretrained):
+    """collect.workers=1: the env lives in another process, yet it acts with the learner's current weights
+    (TorchRL shares them; here they are pinned so every action is ~+0.9, far from a random actor's)."""
+    import functools
+
+    from app.finetune import _worker_env
+
+    tmp, parent = pretrained
+    cfg = load_config(FinetuneConfig, TINY_FT, ["collect.workers=1", "collect.warmup_chunks=0"])
+    policy = CSPPolicy.load(tmp / "runs" / parent / "policy.pt")
+    env_kw = dict(task=cfg.task, num_envs=2, policy=policy, method="tmrl", exec_horizon=4, steps=2)
+    env = make_chunk_env(seed=0, **env_kw)
+    loss = make_agent(4, head_specs(env.decoder), cfg.agent)
+    actor = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
+    collector = make_collector(env, actor, cfg.collect, env_fn=functools.partial(_worker_env, seed=0, **env_kw))
+    try:
+        batches = iter(collector)
+        first = next(batches)[ACTION]
+        with torch.no_grad():
+            for out in loss.actor.outs:  # loc = atanh(0.9), log_std at its minimum
+                out.weight.zero_()
+                out.bias.copy_(torch.cat([torch.full((out.out_features // 2,), 1.4722),
+                                          torch.full((out.out_features // 2,), -1e3)]))  # fmt: skip
+        collector.update_policy_weights_()
+        # the batch after the next may still come from the old weights (one batch of lag)
+        later = [next(batches)[ACTION] for _ in range(3)]
+    finally:
+        collector.shutdown()
+    assert first.std() > 0.2  # a freshly initialized, random actor
+    assert torch.allclose(later[-1], torch.full_like(later[-1], 0.9), atol=1e-2)
+
+
 def test_bench_commands_report_their_figures(tmp_path, capsys, monkeypatch):
     """Smoke test of both benchmarks at test size: they run and print every figure (no timing asserted)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
