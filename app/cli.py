@@ -71,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from app.compare import compare
     from app.tracking import TrackingConfig, resolve_uri
 
-    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent)
+    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent, args.filter)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="plot the fine-tuning runs of one pre-training run, by method")
     p.add_argument("--parent", required=True, help="MLflow run id of the `tmrl fit` run")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--filter", default=None,
+                   help="MLflow search filter on the children, e.g. \"params.env_steps = '100000'\"")  # fmt: skip
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")

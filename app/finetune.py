@@ -295,7 +295,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
     """collect -> extend -> update -> sync weights -> log -> evaluate -> checkpoint, until cfg.env_steps
     real environment steps; ``start`` holds the counters of a resumed run."""
     max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
-    counters = dict(start or {"env_steps": 0, "chunks": 0, "updates": 0})
+    counters = {"env_steps": 0, "chunks": 0, "updates": 0, "successes": 0} | dict(start or {})
     done = counters["env_steps"]
     every_eval, every_ckpt = max(cfg.eval.every_env_steps, 1), cfg.checkpoint_every_env_steps
     next_eval = 0 if not done else (done // every_eval + 1) * every_eval
@@ -309,6 +309,9 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         counters["env_steps"] += steps
         counters["chunks"] += flat.numel()
         metrics = batch_stats(flat, p.env.decoder)
+        # exploration at a glance: how many training episodes have reached the goal so far
+        counters["successes"] += int((flat["next", "done"] & flat["next", "success"]).sum())
+        metrics["train/successes"] = float(counters["successes"])
         if len(p.buffer) >= max(cfg.collect.warmup_chunks, cfg.agent.batch_size):
             owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
             while owed >= 1:

@@ -63,6 +63,7 @@ def test_finetune_runs_nested_under_its_pretraining_run(store, tmp_path, capsys,
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["tmrl.pretrain_run_id"] == parent
     assert run.data.tags["tmrl.stage"] == "finetune" and run.data.params["method"] == method
     assert "eval/success_rate" in run.data.metrics and "train/loss_qvalue" in run.data.metrics
+    assert "train/successes" in run.data.metrics
     history = MlflowClient(uri).get_metric_history(run_id, "eval/success_rate")
     assert max(m.step for m in history) >= 400  # logged against real environment steps
     files = {f.path for f in MlflowClient(uri).list_artifacts(run_id, "checkpoints")}
@@ -177,7 +178,12 @@ def test_compare_plots_every_method_on_the_parent(store, tmp_path, capsys):
         assert main([*args, f"output_dir={tmp_path}"]) == 0
     assert main(["compare", "--parent", parent]) == 0
     out = capsys.readouterr().out
-    assert "tmrl" in out and "dsrl" in out and "final success" in out
+    assert "tmrl" in out and "dsrl" in out and "final success" in out and "training successes" in out
+    assert main(["compare", "--parent", parent, "--filter", "tags.`tmrl.method` = 'dsrl'"]) == 0
+    out = capsys.readouterr().out
+    assert "dsrl" in out and "tmrl " not in out
+    assert main(["compare", "--parent", parent, "--filter", "params.env_steps = '7'"]) == 2
+    assert "matching" in capsys.readouterr().err
     files = {f.path for f in MlflowClient(uri).list_artifacts(parent, "plots")}
     assert "plots/finetune_comparison.png" in files
 
