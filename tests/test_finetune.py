@@ -143,10 +143,9 @@ def test_worker_collector_acts_with_the_updated_weights(pretrained):
         batches = iter(collector)
         first = next(batches)[ACTION]
         with torch.no_grad():
-            for out in loss.actor.outs:  # loc = atanh(0.9), log_std at its minimum
-                out.weight.zero_()
-                out.bias.copy_(torch.cat([torch.full((out.out_features // 2,), 1.4722),
-                                          torch.full((out.out_features // 2,), -1e3)]))  # fmt: skip
+            out, dim = loss.actor.out, loss.actor.action_dim  # loc = atanh(0.9), log_std at its minimum
+            out.weight.zero_()
+            out.bias.copy_(torch.cat([torch.full((dim,), 1.4722), torch.full((dim,), -1e3)]))
         collector.update_policy_weights_()
         # the batch after the next may still come from the old weights (one batch of lag)
         later = [next(batches)[ACTION] for _ in range(3)]

@@ -224,9 +224,10 @@ def test_tanh_log_prob_matches_torch_distributions():
     state = torch.randn(64, STATE_DIM)
     action, logp = actor(state)  # (64, 5), (64, 3)
     assert action.shape == (64, ACT_DIM) and logp.shape == (64, len(HEADS))
-    features = actor.trunk(state)
-    for h, (out, (name, part)) in enumerate(zip(actor.outs, split_heads(action, HEADS).items(), strict=True)):
-        loc, raw = out(features).chunk(2, dim=-1)
+    loc_all, raw_all = actor.out(actor.trunk(state)).chunk(2, dim=-1)  # (64, 5) each, head after head
+    locs, raws = split_heads(loc_all, HEADS), split_heads(raw_all, HEADS)
+    for h, (name, part) in enumerate(split_heads(action, HEADS).items()):
+        loc, raw = locs[name], raws[name]
         base = Independent(Normal(loc, actor._squash_log_std(raw).exp()), 1)
         dist = TransformedDistribution(base, [TanhTransform()])
         # change of variables evaluated at the squashed sample (atanh is accurate for |a| < 1 - 1e-3)
@@ -247,7 +248,7 @@ def test_tanh_log_det_is_stable_and_deterministic_mode():
     a1, lp = actor(state, deterministic=True)
     a2, _ = actor(state, deterministic=True)
     assert torch.equal(a1, a2) and torch.equal(lp, torch.zeros(4, 3))
-    loc_z = actor.outs[0](actor.trunk(state))[:, :2]
+    loc_z = actor.out(actor.trunk(state))[:, :2]
     torch.testing.assert_close(a1[:, :2], torch.tanh(loc_z))
 
 

@@ -103,7 +103,13 @@ class ChunkActor(nn.Module):
         self.action_dim = sum(h.dim for h in heads)
         self.log_std_min, self.log_std_max = float(log_std_min), float(log_std_max)
         self.trunk = mlp_trunk(state_dim, hidden, layers)
-        self.outs = nn.ModuleList(nn.Linear(hidden, 2 * h.dim) for h in heads)
+        # ONE output layer for all heads: [loc (D) | raw log-std (D)], head after head within each half
+        self.out = nn.Linear(hidden, 2 * self.action_dim)
+        # (D, n_heads) one-hot: per-dimension log-densities @ head_of_dim = each head's log-density
+        head_of_dim = torch.zeros(self.action_dim, len(heads))
+        for h, sl in enumerate(head_slices(heads).values()):
+            head_of_dim[sl, h] = 1.0
+        self.register_buffer("head_of_dim", head_of_dim, persistent=False)
 
     def _squash_log_std(self, raw: Tensor) -> Tensor:
         # tanh keeps the gradient alive at the bounds, unlike a hard clamp
@@ -121,19 +127,12 @@ class ChunkActor(nn.Module):
             action (B, D) in [-1, 1], log_probs (B, n_heads): each head's log-density of its part
             of the squashed action (tanh correction included, summed over the head's dims).
         """
-        features = self.trunk(state)  # (B, hidden)
-        actions, log_probs = [], []
-        for out in self.outs:
-            loc, raw_log_std = out(features).chunk(2, dim=-1)  # (B, dim) each
-            if deterministic:
-                actions.append(torch.tanh(loc))
-                log_probs.append(torch.zeros_like(loc[:, 0]))
-                continue
-            log_std = self._squash_log_std(raw_log_std)
-            noise = torch.randn_like(loc)
-            u = loc + log_std.exp() * noise  # (B, dim) pre-tanh sample, differentiable in loc/std
-            # Normal log-density written with the noise itself: (u - loc) / std == noise exactly
-            gauss = -0.5 * noise.pow(2) - log_std - _HALF_LOG_2PI
-            log_probs.append((gauss - tanh_log_det(u)).sum(-1))  # (B,)
-            actions.append(torch.tanh(u))
-        return torch.cat(actions, dim=-1), torch.stack(log_probs, dim=-1)
+        loc, raw_log_std = self.out(self.trunk(state)).chunk(2, dim=-1)  # (B, D) each
+        if deterministic:
+            return torch.tanh(loc), loc.new_zeros(loc.shape[0], len(self.heads))
+        log_std = self._squash_log_std(raw_log_std)
+        noise = torch.randn_like(loc)
+        u = loc + log_std.exp() * noise  # (B, D) pre-tanh sample, differentiable in loc/std
+        # Normal log-density written with the noise itself: (u - loc) / std == noise exactly
+        per_dim = -0.5 * noise.pow(2) - log_std - _HALF_LOG_2PI - tanh_log_det(u)  # (B, D)
+        return torch.tanh(u), per_dim @ self.head_of_dim  # (B, D), (B, n_heads)
