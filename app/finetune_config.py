@@ -56,6 +56,11 @@ class CollectConfig:
     buffer_size: int = 1_000_000
     memmap: bool = False  # LazyMemmapStorage (on disk) instead of LazyTensorStorage (memory)
 
+    def __post_init__(self) -> None:
+        for key, low in (("num_envs", 1), ("chunks_per_batch", 1), ("workers", 0), ("warmup_chunks", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"collect.{key} must be >= {low}, got {getattr(self, key)}")
+
 
 @dataclass
 class FinetuneEvalConfig:

@@ -80,6 +80,12 @@ def test_unknown_run_is_refused(store, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_negative_worker_count_is_refused(store, capsys):
+    _, parent = store
+    assert main(["finetune", "--from-run", parent, "--config", TINY_FT, "collect.workers=-1"]) == 2
+    assert "collect.workers must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_a_finetuning_run_is_not_a_pretraining_run(store, tmp_path, capsys):
     uri, parent = store
     assert main(["finetune", "--from-run", parent, "--config", TINY_FT, f"output_dir={tmp_path}"]) == 0
