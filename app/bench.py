@@ -237,7 +237,8 @@ def bench_finetune(cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int
     print(
         f"tmrl bench finetune: method {cfg.method}, {n} envs, H_exec {h}, K {cfg.chunk.sample_steps}, "
         f"policy width {policy_cfg.width} x {policy_cfg.depth}, {counters['env_steps']} env steps "
-        f"({counters['updates']} updates), torch threads {torch.get_num_threads()}"
+        f"({counters['updates']} updates), torch threads {torch.get_num_threads()}, "
+        f"collector workers {cfg.collect.workers or 'none (in-process)'}"
     )
     print(f"  environment alone      {r_env:9.0f} env steps/s")
     print(f"  chunk sampling alone   {r_sample:9.0f} env steps/s   (batch {n})")
