@@ -219,6 +219,7 @@ def bench_finetune(cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int
     """Full loop vs its floor (environment + base-policy sampling), at the config's batch of envs."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    threads = torch.get_num_threads()  # the collector's shutdown may change it
     obs_dim, action_dim = maze_dims(cfg.task.env)
     base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=2)
     base.set_normalization(_unit_stats(base))
@@ -237,7 +238,7 @@ def bench_finetune(cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int
     print(
         f"tmrl bench finetune: method {cfg.method}, {n} envs, H_exec {h}, K {cfg.chunk.sample_steps}, "
         f"policy width {policy_cfg.width} x {policy_cfg.depth}, {counters['env_steps']} env steps "
-        f"({counters['updates']} updates), torch threads {torch.get_num_threads()}, "
+        f"({counters['updates']} updates), torch threads {threads}, "
         f"collector workers {cfg.collect.workers or 'none (in-process)'}"
     )
     print(f"  environment alone      {r_env:9.0f} env steps/s")
