@@ -1,0 +1,387 @@
+"""OGBench cube-single observed as a robot sees it: fused depth-camera point clouds plus proprioception.
+
+:class:`CubePointCloudEnv` wraps ``cube-single-v0`` in OGBench's ``data_collection`` mode (random arm,
+cube and target at every reset; the privileged target info the scripted oracle needs). Its observation is
+
+    {"state": (19,) float32       proprioception: OGBench's cube observation without the cube's dims
+                                  (joint pos 6, joint vel 6, (effector xyz - (0.425, 0, 0)) * 10 (3),
+                                  cos/sin effector yaw (2), gripper opening * 3 (1), gripper contact (1)),
+     "pointcloud": (N, 3) float32 world frame, metres: depth rendered headless from ``config.cameras``,
+                                  back-projected, cropped to the workspace box, downsampled to exactly N,
+     "goal": (3,) float32         target cube centre, world frame, metres}
+
+Success (the env's own ``info["success"]``) is ||cube centre - goal|| <= 0.04 m, so a hindsight goal is the
+cube centre at a later step (``achieved_goal`` in the episodes), in the same space and units.
+
+Held-out variation: a goal region of the table (``config.heldout_low/high``, by default the corner
+x in [0.45, 0.55], y in [0.15, 0.3], 10% of OGBench's target area) that the "train" variation never uses
+for a target or an initial cube position; "heldout" draws every target inside it (cubes start outside).
+So fine-tuning asks for placements at positions no demonstration was labelled with, next to the covered
+region (where the pre-trained policy should have SOME success to build on, METHOD.md section 5).
+
+:func:`rollout_oracle` generates demonstrations as OGBench's "noisy" datasets are made: its Markov
+oracle, per-episode noise level xi ~ U(0, noise), Gaussian action noise of std (xi, xi, xi, 3 xi, 10 xi),
+a uniform random action with probability ``p_random_action``, and a new target whenever the oracle is done.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless; must be set before mujoco creates a GL context
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gymnasium  # noqa: E402
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+
+from app.envs.maze import seeded_global_numpy  # noqa: E402
+from app.envs.pointcloud import (  # noqa: E402
+    DOWNSAMPLERS,
+    Intrinsics,
+    depths_to_pointcloud,
+    free_camera_pose,
+    intrinsics_from_fovy,
+    pose_from_pos_xmat,
+)
+
+ENV_ID = "cube-single-v0"
+PROPRIO_DIM = 19  # leading dims of OGBench's cube observation that are the robot's own (layout above)
+GOAL_DIM = 3
+ACTION_DIM = 5
+CUBE_Z = 0.02  # a cube resting on the table (half its 4 cm edge)
+# OGBench's sampling area for cube positions and targets (ManipSpaceEnv._object/_target_sampling_bounds).
+TABLE_LOW, TABLE_HIGH = (0.3, -0.3), (0.55, 0.3)
+VARIATIONS = ("train", "heldout")
+# What the depth cameras see of the robot -> the MuJoCo geom groups rendered (group 1: floor and cube,
+# 2: the robot's visual meshes, 185k triangles, which bound software rendering to ~45 renders/s;
+# 3: its collision primitives, ~2x faster, and the invisible walls, which the default crop box excludes).
+ROBOT_GEOMETRY: dict[str, tuple[int, ...]] = {"visual": (0, 1, 2), "collision": (0, 1, 3), "none": (0, 1)}
+
+
+@dataclass(frozen=True)
+class FreeCamera:
+    """A MuJoCo free camera (not in the model): looks at ``lookat`` from ``distance`` metres."""
+
+    lookat: tuple[float, float, float]
+    distance: float
+    azimuth: float  # degrees about world z; 180 looks along -x (from the front, like the "front" camera)
+    elevation: float  # degrees; negative looks down
+
+
+# Camera name -> None for a camera defined in OGBench's model (pose and fovy read from MuJoCo), or a free
+# camera. "left"/"right" are as seen in the "front" camera's image (world -y / +y), both 45 deg to the side.
+CAMERAS: dict[str, FreeCamera | None] = {
+    "front": None,
+    "front_pixels": None,
+    "left": FreeCamera((0.425, 0.0, 0.05), 1.0, 135.0, -35.0),
+    "right": FreeCamera((0.425, 0.0, 0.05), 1.0, -135.0, -35.0),
+}
+
+
+@dataclass
+class CubeConfig:
+    """The point-cloud cube task: cameras, rendering, cloud size, workspace crop and variation."""
+
+    # keys of CAMERAS, fused into one cloud; each camera is one render (~45/s with the robot's meshes)
+    cameras: tuple[str, ...] = ("left", "right")
+    width: int = 96  # rendered depth image size, pixels (per camera; hardly changes the render time)
+    height: int = 96
+    num_points: int = 512  # N: every cloud has exactly N points
+    robot_geometry: str = "visual"  # "visual" | "collision" | "none": keys of ROBOT_GEOMETRY
+    # workspace crop box, world metres: the table area inside the cube's walls (x 0.22..0.63, y +-0.38),
+    # from 5 mm above the floor (drops the floor, keeps the 4 cm cube) up to the gripper's working height
+    crop_low: tuple[float, float, float] = (0.225, -0.375, 0.005)
+    crop_high: tuple[float, float, float] = (0.625, 0.375, 0.5)
+    downsample: str = "voxel"  # "voxel" (fast) or "poisson" (evenly spaced, ~10x slower)
+    voxel_size: float = 0.01  # metres
+    cloud_seed: int = 0  # seeds the resampling to exactly N, so a scene always gives the same cloud
+    variation: str = "train"  # "train" | "heldout" (module docstring)
+    heldout_low: tuple[float, float] = (0.45, 0.15)  # held-out goal region (x, y), metres
+    heldout_high: tuple[float, float] = (0.55, 0.3)
+    # targets are redrawn until this far (xy, metres) from the cube: twice the 0.04 m success radius, so no
+    # episode starts solved (OGBench draws them independently; its evaluation tasks are >= 0.15 m apart)
+    min_goal_distance: float = 0.08
+    max_episode_steps: int = 200  # the env's time limit (truncation), OGBench's evaluation length
+
+    def __post_init__(self) -> None:
+        self.cameras = tuple(self.cameras)
+        self.crop_low, self.crop_high = tuple(self.crop_low), tuple(self.crop_high)
+        self.heldout_low, self.heldout_high = tuple(self.heldout_low), tuple(self.heldout_high)
+        unknown = [c for c in self.cameras if c not in CAMERAS]
+        if not self.cameras or unknown:
+            raise ValueError(
+                f"cameras must be a non-empty list of {sorted(CAMERAS)}, got {list(self.cameras)}"
+            )
+        if min(self.width, self.height) < 8:
+            raise ValueError(f"width and height must be >= 8 pixels, got {self.width}x{self.height}")
+        if self.robot_geometry not in ROBOT_GEOMETRY:
+            raise ValueError(
+                f"robot_geometry must be one of {sorted(ROBOT_GEOMETRY)}, got {self.robot_geometry!r}"
+            )
+        if self.num_points < 1:
+            raise ValueError(f"num_points must be >= 1, got {self.num_points}")
+        if len(self.crop_low) != 3 or len(self.crop_high) != 3:
+            raise ValueError(
+                f"crop_low and crop_high need 3 coordinates, got {self.crop_low}, {self.crop_high}"
+            )
+        if not all(lo < hi for lo, hi in zip(self.crop_low, self.crop_high, strict=True)):
+            raise ValueError(
+                f"crop_low must be < crop_high on every axis, got {self.crop_low}, {self.crop_high}"
+            )
+        if self.downsample not in DOWNSAMPLERS:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLERS}, got {self.downsample!r}")
+        if self.voxel_size <= 0:
+            raise ValueError(f"voxel_size must be > 0, got {self.voxel_size}")
+        if self.variation not in VARIATIONS:
+            raise ValueError(f"variation must be one of {VARIATIONS}, got {self.variation!r}")
+        self._check_heldout()
+        if not 0.0 <= self.min_goal_distance <= 0.1:  # <= 0.1: the held-out region always has room
+            raise ValueError(f"min_goal_distance must be in [0, 0.1] metres, got {self.min_goal_distance}")
+        if self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {self.max_episode_steps}")
+
+    def _check_heldout(self) -> None:
+        lo, hi = np.asarray(self.heldout_low), np.asarray(self.heldout_high)
+        inside_table = np.all(lo >= TABLE_LOW) and np.all(hi <= TABLE_HIGH)
+        if lo.shape != (2,) or hi.shape != (2,) or not np.all(lo < hi) or not inside_table:
+            raise ValueError(
+                f"heldout_low/high must be (x, y) with low < high inside the table area "
+                f"{TABLE_LOW}..{TABLE_HIGH}, got {self.heldout_low}, {self.heldout_high}"
+            )
+        area = float(np.prod(hi - lo) / np.prod(np.subtract(TABLE_HIGH, TABLE_LOW)))
+        # rejection sampling outside the region must stay cheap, and "train" keep most of the table
+        if area > 0.5:
+            raise ValueError(
+                f"the held-out region covers {area:.0%} of the table area; at most 50% is allowed"
+            )
+
+
+class CubePointCloudEnv:
+    """cube-single with point-cloud observations (module docstring); a gymnasium-like reset/step API.
+
+    ``reset(seed)`` and ``step(action)`` return the observation dict; ``step(action, pointcloud=False)``
+    skips rendering (the dict then has no "pointcloud"), for the steps of a chunk whose observation no one
+    reads. ``info`` is OGBench's (privileged cube/target state included, for the oracle).
+    """
+
+    def __init__(self, config: CubeConfig | None = None) -> None:
+        import ogbench  # noqa: F401  (registers the OGBench environments)
+
+        self.config = cfg = config or CubeConfig()
+        self.env = gymnasium.make(
+            ENV_ID,
+            mode="data_collection",
+            terminate_at_goal=False,
+            visualize_info=False,  # keeps the target marker invisible, so it never shows in the point cloud
+            width=cfg.width,  # the model's offscreen buffer must be at least the rendered size
+            height=cfg.height,
+            max_episode_steps=cfg.max_episode_steps,
+        )
+        self.env.reset(seed=0)  # compiles the MuJoCo model
+        self.sim: Any = self.env.unwrapped
+        model = self.sim._model
+        try:
+            self.renderer = mujoco.Renderer(model, cfg.height, cfg.width)
+        except mujoco.FatalError as err:  # mujoco picks its GL backend once, when it is first imported
+            raise RuntimeError(
+                f"headless rendering failed ({err}); set MUJOCO_GL=egl (or osmesa) in the environment before "
+                f"anything imports mujoco (it is {os.environ.get('MUJOCO_GL')!r})"
+            ) from err
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False  # 5-30x faster software rendering
+        self.renderer.enable_depth_rendering()
+        self._scene_option = mujoco.MjvOption()
+        self._scene_option.geomgroup[:] = [int(g in ROBOT_GEOMETRY[cfg.robot_geometry]) for g in range(6)]
+        self.max_depth = 0.999 * model.vis.map.zfar * model.stat.extent  # pixels at the far plane saw nothing
+        self._views = [self._view(name) for name in cfg.cameras]
+
+    def _view(self, name: str) -> tuple[Any, Intrinsics, np.ndarray | None]:
+        """(camera argument for update_scene, intrinsics, fixed pose or None = read from data each time)."""
+        model, spec, cfg = self.sim._model, CAMERAS[name], self.config
+        if spec is None:
+            cam_id = model.camera(name).id
+            return cam_id, intrinsics_from_fovy(float(model.cam_fovy[cam_id]), cfg.width, cfg.height), None
+        cam = mujoco.MjvCamera()
+        cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+        cam.lookat[:], cam.distance = spec.lookat, spec.distance
+        cam.azimuth, cam.elevation = spec.azimuth, spec.elevation
+        pose = free_camera_pose(spec.lookat, spec.distance, spec.azimuth, spec.elevation)
+        return cam, intrinsics_from_fovy(float(model.vis.global_.fovy), cfg.width, cfg.height), pose
+
+    @property
+    def intrinsics(self) -> list[Intrinsics]:
+        """Per-camera intrinsics, in ``config.cameras`` order."""
+        return [k for _, k, _ in self._views]
+
+    def camera_poses(self) -> list[np.ndarray]:
+        """Per-camera (4, 4) camera-to-world transforms (conventions in app/envs/pointcloud.py)."""
+        data = self.sim._data
+        return [
+            pose if pose is not None else pose_from_pos_xmat(data.cam_xpos[cam], data.cam_xmat[cam])
+            for cam, _, pose in self._views
+        ]
+
+    def render_depths(self) -> list[np.ndarray]:
+        """Per-camera (H, W) float32 depth images in metres (distance along the viewing axis)."""
+        depths = []
+        for cam, _, _ in self._views:
+            self.renderer.update_scene(self.sim._data, camera=cam, scene_option=self._scene_option)
+            depths.append(self.renderer.render())
+        return depths
+
+    def pointcloud(self) -> np.ndarray:
+        """(N, 3) float32 world-frame cloud of the current scene (render, back-project, crop, downsample)."""
+        cfg = self.config
+        return depths_to_pointcloud(
+            self.render_depths(),
+            self.intrinsics,
+            self.camera_poses(),
+            n=cfg.num_points,
+            low=cfg.crop_low,
+            high=cfg.crop_high,
+            method=cfg.downsample,
+            voxel_size=cfg.voxel_size,
+            max_depth=self.max_depth,
+            seed=cfg.cloud_seed,
+        )
+
+    def cube_position(self) -> np.ndarray:
+        """(3,) float64 cube centre, world metres (the achieved goal)."""
+        return self.sim._data.joint("object_joint_0").qpos[:3].copy()
+
+    def goal(self) -> np.ndarray:
+        """(3,) float64 target cube centre, world metres."""
+        return self.sim._data.mocap_pos[self.sim._cube_target_mocap_ids[0]].copy()
+
+    def observe(self, ob: np.ndarray, pointcloud: bool = True) -> dict[str, np.ndarray]:
+        """Observation dict (module docstring) from OGBench's (28,) state observation ``ob``."""
+        obs = {
+            "state": np.asarray(ob[:PROPRIO_DIM], dtype=np.float32),
+            "goal": self.goal().astype(np.float32),
+        }
+        if pointcloud:
+            obs["pointcloud"] = self.pointcloud()
+        return obs
+
+    def reset(self, seed: int | None = None, pointcloud: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+        """Random arm, cube and target (per ``config.variation``); returns (observation, info)."""
+        self.env.reset(seed=seed)
+        rng = self.sim.np_random  # seeded by reset: the variation's draws are reproducible from ``seed``
+        data = self.sim._data
+        data.joint("object_joint_0").qpos[:2] = self._sample_xy(rng, inside=False)
+        data.mocap_pos[self.sim._cube_target_mocap_ids[0]] = (*self._target_xy(rng), CUBE_Z)
+        mujoco.mj_forward(self.sim._model, data)
+        return self.observe(self.sim.compute_observation(), pointcloud), self.sim.compute_ob_info()
+
+    def new_target(self) -> dict:
+        """Draw a new target for the cube where it lies (OGBench's data collection); returns the new info."""
+        self.sim.set_new_target(return_info=False)
+        target = self._target_xy(self.sim.np_random)
+        self.sim._data.mocap_pos[self.sim._cube_target_mocap_ids[0]] = (*target, CUBE_Z)
+        mujoco.mj_forward(self.sim._model, self.sim._data)
+        return self.sim.compute_ob_info()
+
+    def step(
+        self, action: np.ndarray, pointcloud: bool = True
+    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        """One step with ``action`` (5,) in [-1, 1]; returns (obs, reward, terminated, truncated, info)."""
+        ob, reward, terminated, truncated, info = self.env.step(np.asarray(action, dtype=np.float64))
+        return self.observe(ob, pointcloud), float(reward), bool(terminated), bool(truncated), info
+
+    def _target_xy(self, rng: np.random.Generator) -> np.ndarray:
+        """(2,) target for the variation, at least ``min_goal_distance`` from the cube."""
+        cube = self.cube_position()[:2]
+        for _ in range(1000):
+            xy = self._sample_xy(rng, inside=self.config.variation == "heldout")
+            if np.linalg.norm(xy - cube) >= self.config.min_goal_distance:
+                return xy
+        raise RuntimeError(f"no target {self.config.min_goal_distance} m away from the cube at {cube}")
+
+    def _sample_xy(self, rng: np.random.Generator, inside: bool) -> np.ndarray:
+        """(2,) uniform in the held-out region if ``inside``, else uniform on the table outside it."""
+        lo, hi = np.asarray(self.config.heldout_low), np.asarray(self.config.heldout_high)
+        if inside:
+            return rng.uniform(lo, hi)
+        while True:  # rejection: the region covers at most half of the table (checked in CubeConfig)
+            xy = rng.uniform(TABLE_LOW, TABLE_HIGH)
+            if not np.all((xy >= lo) & (xy <= hi)):
+                return xy
+
+    def close(self) -> None:
+        """Free the renderer's GL context and the environment."""
+        self.renderer.close()
+        self.env.close()
+
+
+@dataclass
+class OracleConfig:
+    """Noise of the scripted demonstrations; defaults are OGBench's cube-single "noisy" dataset settings."""
+
+    noise: float = 0.1  # per-episode noise level xi ~ U(0, noise); action noise std (xi, xi, xi, 3xi, 10xi)
+    p_random_action: float = 0.1  # probability of a uniform random action instead of the oracle's
+    min_norm: float = 0.4  # CubeMarkovOracle's minimum norm of the position command
+
+    def __post_init__(self) -> None:
+        if self.noise < 0:
+            raise ValueError(f"OracleConfig.noise must be >= 0, got {self.noise}")
+        if not 0.0 <= self.p_random_action <= 1.0:
+            raise ValueError(f"OracleConfig.p_random_action must be in [0, 1], got {self.p_random_action}")
+        if self.min_norm < 0:
+            raise ValueError(f"OracleConfig.min_norm must be >= 0, got {self.min_norm}")
+
+
+def rollout_oracle(
+    env: CubePointCloudEnv,
+    length: int,
+    rng: np.random.Generator,
+    config: OracleConfig | None = None,
+    pointcloud: bool = True,
+) -> dict[str, np.ndarray]:
+    """Roll out one ``length``-step noisy oracle episode (module docstring); a new target each time the
+    oracle is done (placed the cube and moved away, or 200 steps). Reproducible from ``rng``.
+
+    Returns per-step arrays, row t = the observation at which action t was taken (T = ``length``):
+        ``{"observation": (T, 19) float32 proprioceptive state, "pointcloud": (T, N, 3) float32 (unless
+        pointcloud=False), "action": (T, 5) float32 in [-1, 1], "expert_goal": (T, 3) float32 target the
+        oracle was heading for (marks the segments), "achieved_goal": (T, 3) float32 cube centre,
+        "success": (T,) bool cube within 0.04 m of the target AFTER action t}``.
+    """
+    from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
+
+    if length <= 0:
+        raise ValueError(f"rollout_oracle: length must be > 0, got {length}")
+    cfg = config or OracleConfig()
+    n = env.config.num_points
+    out = {
+        "observation": np.empty((length, PROPRIO_DIM), np.float32),
+        **({"pointcloud": np.empty((length, n, 3), np.float32)} if pointcloud else {}),
+        "action": np.empty((length, ACTION_DIM), np.float32),
+        "expert_goal": np.empty((length, GOAL_DIM), np.float32),
+        "achieved_goal": np.empty((length, GOAL_DIM), np.float32),
+        "success": np.empty(length, bool),
+    }
+    # The oracle draws its final arm pose from the global np.random: seed it from rng for this episode.
+    with seeded_global_numpy(rng):
+        obs, info = env.reset(seed=int(rng.integers(2**31)), pointcloud=pointcloud)
+        oracle = CubeMarkovOracle(env=env.env, min_norm=cfg.min_norm)
+        oracle.reset(None, info)
+        noise_std = rng.uniform(0.0, cfg.noise) * np.array([1.0, 1.0, 1.0, 3.0, 10.0])
+        for t in range(length):
+            if rng.random() < cfg.p_random_action:
+                action = rng.uniform(-1.0, 1.0, ACTION_DIM)
+            else:
+                action = np.asarray(oracle.select_action(None, info)) + rng.normal(0.0, noise_std)
+            action = np.clip(action, -1.0, 1.0)
+            out["observation"][t], out["action"][t], out["expert_goal"][t] = obs["state"], action, obs["goal"]
+            out["achieved_goal"][t] = env.cube_position()
+            if pointcloud:
+                out["pointcloud"][t] = obs["pointcloud"]
+            obs, _, _, _, info = env.step(action, pointcloud=pointcloud)
+            out["success"][t] = bool(info["success"])
+            if oracle.done:
+                info = env.new_target()
+                oracle.reset(None, info)
+                obs["goal"] = env.goal().astype(np.float32)
+    return out
