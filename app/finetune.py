@@ -81,7 +81,7 @@ class ActorPolicy(torch.nn.Module):
 def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLLoss:
     names = [h.name for h in heads]
     sigma_index = sum(h.dim for h in heads[: names.index("sigma")]) if "sigma" in names else None
-    actor = ChunkActor(state_dim, heads, hidden=cfg.hidden, layers=cfg.actor_layers)
+    actor = ChunkActor(state_dim, heads, hidden=cfg.hidden, layers=cfg.actor_layers, init_std=cfg.init_std)
     critic = CriticEnsemble(
         state_dim,
         sum(h.dim for h in heads),

@@ -31,6 +31,9 @@ class AgentConfig:
 
     hidden: int = 256
     actor_layers: int = 2
+    # pre-tanh std of the actor at the start (None: the usual SAC start, std 0.22, which keeps z near 0,
+    # a noise the base policy never saw); 1.0 spreads the first actions like the warm-up's uniform ones
+    init_std: float | None = 1.0
     critic_layers: int = 3
     num_critics: int = 5
     gamma: float = 0.99  # per ENVIRONMENT step; a chunk of n steps discounts by gamma ** n

@@ -285,3 +285,18 @@ def test_sigma_features_and_validation():
         TMRLLoss(actor, critic, [HeadSpec("z", 5)])
     with pytest.raises(ValueError, match="min_subset"):
         TMRLLoss(actor, critic, HEADS, min_subset=3)
+
+
+def test_init_std_sets_the_starting_spread_of_every_head():
+    torch.manual_seed(0)
+    state = torch.randn(4096, STATE_DIM)
+    for std in (0.3, 1.0, 2.0):
+        actor = ChunkActor(STATE_DIM, HEADS, hidden=16, init_std=std)
+        actor.out.weight.data.zero_()  # the trunk's features no longer move loc or log-std
+        loc, raw = actor.out(actor.trunk(state)).chunk(2, dim=-1)
+        torch.testing.assert_close(actor._squash_log_std(raw).exp(), torch.full_like(raw, std))
+        action, _ = actor(state)
+        pre_tanh = torch.atanh(action.double().clamp(-1 + 1e-12, 1 - 1e-12))
+        assert (pre_tanh - loc).std().item() == pytest.approx(std, rel=0.05)
+    with pytest.raises(ValueError, match="init_std=100"):
+        ChunkActor(STATE_DIM, HEADS, hidden=16, init_std=100.0)

@@ -75,13 +75,18 @@ def mlp_trunk(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
 
 
 class ChunkActor(nn.Module):
-    """Squashed-Gaussian SAC actor over the flat high-level action, one output layer per head.
+    """Squashed-Gaussian SAC actor over the flat high-level action, one output layer for all heads.
 
     Args:
         state_dim: size of the high-level state (observation ++ goal).
         heads: the action layout; D = sum of the heads' dims.
         hidden, layers: trunk width and depth.
         log_std_min, log_std_max: range the pre-tanh log-std is smoothly squashed into.
+        init_std: pre-tanh std of every dimension at initialization (set through the output bias), or
+            None for the usual SAC start (raw output ~0: std = exp of the middle of the range, 0.22 for
+            [-5, 2]). For TMRL the usual start is a poor one: tanh(N(0, 0.22)) keeps z near 0, a noise the
+            base policy never saw (its success drops to ~0), and sigma near sigma_max / 2; init_std = 1
+            spreads the first actions over most of [-1, 1], like the warm-up's uniform ones.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class ChunkActor(nn.Module):
         layers: int = 2,
         log_std_min: float = -5.0,
         log_std_max: float = 2.0,
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         if not heads:
@@ -110,6 +116,22 @@ class ChunkActor(nn.Module):
         for h, sl in enumerate(head_slices(heads).values()):
             head_of_dim[sl, h] = 1.0
         self.register_buffer("head_of_dim", head_of_dim, persistent=False)
+        if init_std is not None:
+            self._init_log_std(init_std)
+
+    def _init_log_std(self, std: float) -> None:
+        """Set the raw log-std bias so that ``_squash_log_std`` gives log(std) for a zero trunk output."""
+        log_std = math.log(std) if std > 0 else -math.inf
+        if not self.log_std_min < log_std < self.log_std_max:
+            raise ValueError(
+                f"init_std={std} is outside the actor's std range "
+                f"(exp({self.log_std_min}), exp({self.log_std_max})) = "
+                f"({math.exp(self.log_std_min):.3g}, {math.exp(self.log_std_max):.3g})"
+            )
+        half_range = 0.5 * (self.log_std_max - self.log_std_min)
+        raw = math.atanh((log_std - self.log_std_min) / half_range - 1.0)
+        with torch.no_grad():
+            self.out.bias[self.action_dim :].fill_(raw)
 
     def _squash_log_std(self, raw: Tensor) -> Tensor:
         # tanh keeps the gradient alive at the bounds, unlike a hard clamp
