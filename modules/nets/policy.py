@@ -7,7 +7,7 @@ need torch alone, so a TMRL job or a robot loads it without Lightning.
 
 import pickle
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -17,12 +17,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.nets.encoders import ENCODERS
-from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.keys import ACTION, GOAL, OBS, POINTCLOUD
 from modules.nets.normalizer import MinMax, ZScore
+from modules.nets.pointnet import (
+    POINTNET_WIDTHS,
+    NoiseCodeMap,
+    PointCloudNorm,
+    PointNetEncoder,
+    check_cloud,
+    check_widths,
+)
 from modules.nets.schedule import SCHEDULES, noise_context
 from modules.nets.transformer import FlowTransformer
 
-CONTEXT_MODES = ("goal", "observation")
+CONTEXT_MODES = ("goal", "observation", "pointcloud")
 CHECKPOINT_FORMAT = "tmrl-policy"
 CHECKPOINT_VERSION = 1
 LIGHTNING_KEY = "tmrl_policy"  # where a Lightning checkpoint carries the policy checkpoint dict
@@ -34,12 +42,19 @@ class PolicyConfig:
 
     Attributes:
         context_mode: what gets noised. "goal": only the goal (the observation is given clean);
-            "observation": the whole low-dim observation (observation ++ goal, if any).
-        encoder: key of ``ENCODERS`` for the context encoders.
+            "observation": the whole low-dim observation (observation ++ goal, if any);
+            "pointcloud": the normalized xyz of ``batch[POINTCLOUD]`` (B, N, 3), encoded by a PointNet
+            AFTER noising; the observation (the robot's proprioceptive state) ++ goal, if any, is clean.
+        encoder: key of ``ENCODERS`` for the low-dim context encoders (pointcloud mode: the clean one).
         chunk_len: L, actions per generated chunk.
         width, depth, heads, mlp_ratio: transformer size (width must be divisible by heads).
         schedule: key of ``SCHEDULES``, the context-noise schedule over sigma in [0, 1].
         sample_steps: K, default number of Euler steps in ``sample``.
+        num_points: N, points per cloud; required (>= 1) in pointcloud mode, 0 in the other modes.
+            A batch with another N is refused (clouds are downsampled to a fixed N per dataset).
+        pointnet_widths: per-point MLP widths of the PointNet (pointcloud mode only).
+        context_code_dim: d > 0 adds a fixed map from a d-dim code to eps_c (``context_noise_from_code``),
+            the low-dimensional eps_c parameterization TMRL needs for large contexts; 0: none.
     """
 
     context_mode: str = "goal"
@@ -51,6 +66,9 @@ class PolicyConfig:
     mlp_ratio: float = 4.0
     schedule: str = "cosine"
     sample_steps: int = 10
+    num_points: int = 0
+    pointnet_widths: list[int] = field(default_factory=lambda: list(POINTNET_WIDTHS))
+    context_code_dim: int = 0
 
     def __post_init__(self) -> None:
         choices = {"context_mode": CONTEXT_MODES, "encoder": sorted(ENCODERS), "schedule": sorted(SCHEDULES)}
@@ -73,6 +91,20 @@ class PolicyConfig:
             raise ValueError(
                 f"PolicyConfig.width={self.width} must be divisible by PolicyConfig.heads={self.heads}"
             )
+        self._check_pointcloud_fields()
+
+    def _check_pointcloud_fields(self) -> None:
+        for name in ("num_points", "context_code_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"PolicyConfig.{name}={value!r}; expected an integer >= 0")
+        cloud = self.context_mode == "pointcloud"
+        if cloud != (self.num_points > 0):
+            raise ValueError(
+                f"PolicyConfig.num_points={self.num_points} with context_mode={self.context_mode!r}; "
+                "num_points must be >= 1 with context_mode='pointcloud' and 0 otherwise"
+            )
+        self.pointnet_widths = check_widths(self.pointnet_widths, "PolicyConfig.pointnet_widths")
 
 
 def _check_shape(t: Tensor, shape: tuple[int, ...], name: str) -> None:
@@ -92,7 +124,12 @@ class CSPPolicy(nn.Module):
         goal_dim: d_g, size of ``batch[GOAL]``; 0 when the task has no goal.
 
     Attributes:
-        context_dim: d_c, size of the NOISED context (goal mode: d_g; observation mode: d_o + d_g).
+        context_dim: d_c, size of the NOISED context and of eps_c (goal mode: d_g; observation mode:
+            d_o + d_g; pointcloud mode: N * 3, eps_c flat (B, N * 3), point i's xyz at [3i, 3i + 3)).
+        context_code_dim: d of ``context_noise_from_code`` (``cfg.context_code_dim``; 0: no code map).
+
+    Pointcloud mode: condition = enc_clean(obs_n ++ goal_n) ++ PointNet(noised normalized cloud). The
+    goal, if any, stays clean beside the proprioceptive state: the cloud is the context to smooth.
     """
 
     def __init__(self, cfg: PolicyConfig, obs_dim: int, action_dim: int, goal_dim: int = 0) -> None:
@@ -113,35 +150,53 @@ class CSPPolicy(nn.Module):
         self.obs_norm = ZScore(obs_dim, OBS)
         self.goal_norm = ZScore(goal_dim, GOAL) if goal_dim > 0 else None
         self.action_norm = MinMax(action_dim, ACTION)
+        self.cloud_norm = PointCloudNorm(POINTCLOUD) if cfg.context_mode == "pointcloud" else None
         encoder_cls = ENCODERS[cfg.encoder]
         if cfg.context_mode == "goal":
             self.context_dim = goal_dim
             self.clean_encoder = encoder_cls(obs_dim, cfg.width, cfg.width)
-            feature_dim = 2 * cfg.width
-        else:
+            self.noised_encoder = encoder_cls(self.context_dim, cfg.width, cfg.width)
+        elif cfg.context_mode == "observation":
             self.context_dim = obs_dim + goal_dim
             self.clean_encoder = None
-            feature_dim = cfg.width
-        self.noised_encoder = encoder_cls(self.context_dim, cfg.width, cfg.width)
+            self.noised_encoder = encoder_cls(self.context_dim, cfg.width, cfg.width)
+        else:
+            self.context_dim = 3 * cfg.num_points
+            self.clean_encoder = encoder_cls(obs_dim + goal_dim, cfg.width, cfg.width)
+            self.noised_encoder = PointNetEncoder(cfg.width, cfg.pointnet_widths)
+        feature_dim = cfg.width * (1 if self.clean_encoder is None else 2)
         self.net = FlowTransformer(
             action_dim, cfg.chunk_len, feature_dim, cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio
         )
+        if cfg.context_code_dim > self.context_dim:
+            raise ValueError(
+                f"PolicyConfig.context_code_dim={cfg.context_code_dim} exceeds context_dim={self.context_dim}"
+            )
+        # own seeded generator: building the map does not shift the weight initialization
+        self.code_map = NoiseCodeMap(cfg.context_code_dim, self.context_dim) if cfg.context_code_dim else None
 
     # ------------------------------------------------------------------ normalization
     def set_normalization(self, stats: Mapping[str, np.ndarray | Tensor]) -> None:
-        """Set dataset statistics: observation_mean/std, goal_mean/std (if goal_dim > 0), action_min/max."""
+        """Set dataset statistics: observation_mean/std, goal_mean/std (if goal_dim > 0), action_min/max,
+        and in pointcloud mode pointcloud_center (3,) and pointcloud_scale (scalar, (1,) or (3,)) (see
+        ``modules.nets.pointnet.pointcloud_stats``)."""
         expected = {"observation_mean", "observation_std", "action_min", "action_max"}
         if self.goal_dim > 0:
             expected |= {"goal_mean", "goal_std"}
+        if self.cloud_norm is not None:
+            expected |= {"pointcloud_center", "pointcloud_scale"}
         missing, unknown = expected - set(stats), set(stats) - expected
         if missing or unknown:
             raise ValueError(
                 f"normalization stats: missing keys {sorted(missing)}, unexpected keys {sorted(unknown)}; "
-                f"expected exactly {sorted(expected)} (goal statistics only when goal_dim > 0)"
+                f"expected exactly {sorted(expected)} (goal statistics only when goal_dim > 0, "
+                "pointcloud statistics only when context_mode='pointcloud')"
             )
         self.obs_norm.set_stats(stats["observation_mean"], stats["observation_std"])
         if self.goal_norm is not None:
             self.goal_norm.set_stats(stats["goal_mean"], stats["goal_std"])
+        if self.cloud_norm is not None:
+            self.cloud_norm.set_stats(stats["pointcloud_center"], stats["pointcloud_scale"])
         self.action_norm.set_stats(stats["action_min"], stats["action_max"])
 
     # ------------------------------------------------------------------ inputs
@@ -158,33 +213,73 @@ class CSPPolicy(nn.Module):
             raise ValueError(f"batch[{key!r}] is {shape}; expected a tensor of shape (B, {dim})")
         return value.to(self._dtype())
 
+    def _cloud(self, obs: Mapping[str, Tensor]) -> Tensor:
+        """Fetch ``batch[POINTCLOUD]`` as (B, N, 3) with N = ``cfg.num_points``, or raise naming the key."""
+        if POINTCLOUD not in obs:
+            raise ValueError(f"batch has no key {POINTCLOUD!r}; got keys {sorted(obs)}")
+        return check_cloud(obs[POINTCLOUD], self.cfg.num_points, POINTCLOUD).to(self._dtype())
+
     def _normalized_context(self, obs: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor]:
-        """Split the normalized inputs into (clean part or None, part to be noised (B, d_c))."""
+        """Split the normalized inputs into (clean part or None, part to be noised).
+
+        The part to be noised is (B, d_c), or (B, N, 3) in pointcloud mode.
+        """
         o_n = self.obs_norm.normalize(self._input(obs, OBS, self.obs_dim))  # (B, d_o)
         g_n = None
         if self.goal_norm is not None:
             g_n = self.goal_norm.normalize(self._input(obs, GOAL, self.goal_dim))  # (B, d_g)
-            if g_n.shape[0] != o_n.shape[0]:
+        p_n = self.cloud_norm.normalize(self._cloud(obs)) if self.cloud_norm is not None else None
+        for key, part in ((GOAL, g_n), (POINTCLOUD, p_n)):
+            if part is not None and part.shape[0] != o_n.shape[0]:
                 raise ValueError(
-                    f"batch[{GOAL!r}] has {g_n.shape[0]} rows but batch[{OBS!r}] has {o_n.shape[0]}"
+                    f"batch[{key!r}] has {part.shape[0]} rows but batch[{OBS!r}] has {o_n.shape[0]}"
                 )
         if self.cfg.context_mode == "goal":
             return o_n, g_n
-        return None, o_n if g_n is None else torch.cat([o_n, g_n], dim=-1)
+        low_dim = o_n if g_n is None else torch.cat([o_n, g_n], dim=-1)  # (B, d_o + d_g)
+        return (None, low_dim) if p_n is None else (low_dim, p_n)
+
+    def noised_context(
+        self, obs: Mapping[str, Tensor], sigma: Tensor, context_noise: Tensor
+    ) -> tuple[Tensor | None, Tensor]:
+        """(clean part (B, d) or None, noised normalized context (B, d_c), or (B, N, 3) for a cloud).
+
+        ``sigma`` (B,) in [0, 1] and ``context_noise`` eps_c (B, d_c) set the forward noising of the
+        normalized context; at sigma = 0 the context passes through exactly. A cloud's eps_c is flat:
+        point i's xyz noise is eps_c[:, 3i:3i + 3].
+        """
+        clean, c_n = self._normalized_context(obs)
+        _check_shape(context_noise, (c_n.shape[0], self.context_dim), "context_noise")
+        eps = context_noise.to(c_n.dtype).reshape(c_n.shape)
+        return clean, noise_context(c_n, sigma, eps, self.cfg.schedule)
 
     def encode(self, obs: Mapping[str, Tensor], sigma: Tensor, context_noise: Tensor) -> Tensor:
         """Context features (B, F): enc_clean(clean part) ++ enc_noised(noised context).
 
-        ``sigma`` (B,) in [0, 1] and ``context_noise`` eps_c (B, d_c) set the forward noising of the
-        normalized context; at sigma = 0 the context passes through exactly.
+        Arguments as in ``noised_context``; in pointcloud mode enc_noised is the PointNet.
         """
-        clean, c_n = self._normalized_context(obs)
-        _check_shape(context_noise, (c_n.shape[0], self.context_dim), "context_noise")
-        c_sigma = noise_context(c_n, sigma, context_noise.to(c_n.dtype), self.cfg.schedule)  # (B, d_c)
+        clean, c_sigma = self.noised_context(obs, sigma, context_noise)
         features = self.noised_encoder(c_sigma)
         if clean is not None:
             features = torch.cat([self.clean_encoder(clean), features], dim=-1)
         return features
+
+    @property
+    def context_code_dim(self) -> int:
+        """d, the size of the code ``context_noise_from_code`` takes; 0 when the policy has no code map."""
+        return self.cfg.context_code_dim
+
+    def context_noise_from_code(self, code: Tensor) -> Tensor:
+        """Low-dim eps_c parameterization: code (B, d) -> eps_c (B, d_c), ~N(0, I) per entry when code is.
+
+        A fixed, seeded linear map with unit-norm rows (``NoiseCodeMap``), carried in the checkpoint; a
+        TMRL eps_c head of d outputs instead of d_c (N * 3 for a cloud) feeds it.
+        """
+        if self.code_map is None:
+            raise ValueError(
+                "this policy has no context code map: build it with PolicyConfig.context_code_dim > 0"
+            )
+        return self.code_map(code)
 
     def velocity(self, x: Tensor, tau: Tensor, sigma: Tensor, features: Tensor) -> Tensor:
         """Network output v_hat (B, L, d_a) for x_tau (B, L, d_a), tau (B,), sigma (B,), features (B, F)."""
@@ -202,7 +297,8 @@ class CSPPolicy(nn.Module):
     ) -> Tensor:
         """Flow-matching loss (scalar) on a batch of raw-unit demo windows.
 
-        batch[OBS] (B, d_o), batch[GOAL] (B, d_g) if goal_dim > 0, batch[ACTION] (B, L, d_a).
+        batch[OBS] (B, d_o), batch[GOAL] (B, d_g) if goal_dim > 0, batch[POINTCLOUD] (B, N, 3) in
+        pointcloud mode, batch[ACTION] (B, L, d_a).
         sigma, tau ~ U[0, 1] and the noises ~ N(0, I) unless given (tests pass them explicitly).
         """
         if ACTION not in batch:
@@ -238,11 +334,12 @@ class CSPPolicy(nn.Module):
         """Generate a chunk of RAW actions (B, L, d_a).
 
         Args:
-            obs: batch[OBS] (B, d_o) and batch[GOAL] (B, d_g) if goal_dim > 0, raw units.
+            obs: batch[OBS] (B, d_o), batch[GOAL] (B, d_g) if goal_dim > 0 and batch[POINTCLOUD]
+                (B, N, 3) in pointcloud mode, raw units.
             sigma: context-noise level in [0, 1], REQUIRED: a float or 0-dim tensor is broadcast
                 to the batch, or one per sample (B,).
             action_noise: z (B, L, d_a), the start of the flow at tau = 1; N(0, I) if None.
-            context_noise: eps_c (B, d_c); N(0, I) if None.
+            context_noise: eps_c (B, d_c); N(0, I) if None (from a low-dim code: ``context_noise_from_code``).
             steps: number of Euler steps, default ``cfg.sample_steps``.
         """
         b = self._input(obs, OBS, self.obs_dim).shape[0]
