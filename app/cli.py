@@ -6,6 +6,7 @@
     tmrl compare --parent <run_id>
     tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
+    tmrl demos --env cube-single --episodes 4 --episode-length 200 --out data/cube.zarr
     tmrl bench pretrain --config configs/csp_state.yaml
     tmrl ui --port 5000
 
@@ -99,19 +100,42 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demos(args: argparse.Namespace) -> None:
-    from app.demos import generate_maze_demos
-    from app.envs.maze import ExpertConfig
+    from app.demos import CUBE_ENVS, generate_cube_demos, generate_maze_demos, is_cube_env
 
-    expert = ExpertConfig() if args.noise_std is None else ExpertConfig(noise_std=args.noise_std)
-    store = generate_maze_demos(
-        env=args.env,
-        episodes=args.episodes,
-        out=args.out,
-        episode_length=args.length,
-        seed=args.seed,
-        expert=expert,
-        overwrite=args.overwrite,
-    )
+    if is_cube_env(args.env):
+        from app.envs.cube import CubeConfig, OracleConfig
+
+        cube = CubeConfig(
+            num_points=args.num_points, robot_geometry=args.robot_geometry, variation=args.variation
+        )
+        oracle = OracleConfig() if args.noise_std is None else OracleConfig(noise=args.noise_std)
+        store = generate_cube_demos(
+            env=args.env,
+            episodes=args.episodes,
+            out=args.out,
+            episode_length=args.length or 200,
+            seed=args.seed,
+            cube=cube,
+            oracle=oracle,
+            overwrite=args.overwrite,
+        )
+    else:
+        from app.envs.maze import ExpertConfig, resolve_maze
+
+        try:
+            resolve_maze(args.env)
+        except ValueError as err:
+            raise ValueError(f"{err} Point-cloud tasks: {list(CUBE_ENVS)}.") from None
+        expert = ExpertConfig() if args.noise_std is None else ExpertConfig(noise_std=args.noise_std)
+        store = generate_maze_demos(
+            env=args.env,
+            episodes=args.episodes,
+            out=args.out,
+            episode_length=args.length or 1000,
+            seed=args.seed,
+            expert=expert,
+            overwrite=args.overwrite,
+        )
     print(f"[tmrl] wrote {store.num_episodes} episodes, {store.num_steps} steps to {args.out}")
     print(f"fingerprint={store.fingerprint}")
 
@@ -165,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="plot the fine-tuning runs of one pre-training run, by method")
     p.add_argument("--parent", required=True, help="MLflow run id of the `tmrl fit` run")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    p.add_argument("--filter", default=None,
-                   help="MLflow search filter on the children, e.g. \"params.env_steps = '100000'\"")  # fmt: skip
+    example = "\"params.env_steps = '100000'\""
+    p.add_argument("--filter", default=None, help=f"MLflow search filter on the children, e.g. {example}")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")
@@ -177,14 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demos", help="generate scripted-expert demonstrations into an episode store")
-    p.add_argument("--env", default="pointmaze-large", help="pointmaze-{medium,large,giant,teleport}")
+    p.add_argument(
+        "--env", default="pointmaze-large", help="pointmaze-{medium,large,giant,teleport} or cube-single"
+    )
     p.add_argument("--episodes", type=int, required=True)
     p.add_argument("--out", required=True, help="episode store path, e.g. data/pointmaze-large.zarr")
-    p.add_argument("--length", type=int, default=1000, help="steps per episode")
+    p.add_argument(
+        "--length", "--episode-length", type=int, default=None, help="steps per episode (maze 1000, cube 200)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--noise-std", type=float, default=None, help="expert action noise (default: ExpertConfig)"
+        "--noise-std",
+        type=float,
+        default=None,
+        help="expert action noise (maze: ExpertConfig.noise_std; cube: OracleConfig.noise)",
     )
+    p.add_argument("--num-points", type=int, default=512, help="cube: points per cloud")
+    p.add_argument("--robot-geometry", default="visual", help="cube: visual | collision | none")
+    p.add_argument("--variation", default="train", help="cube: train | heldout")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demos)
 

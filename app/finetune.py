@@ -102,7 +102,11 @@ def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLL
 
 
 def make_collector(
-    env: ChunkEnv, policy: TensorDictModule, cfg: CollectConfig, warmup: bool = True, env_fn: Callable | None = None
+    env: ChunkEnv,
+    policy: TensorDictModule,
+    cfg: CollectConfig,
+    warmup: bool = True,
+    env_fn: Callable | None = None,
 ) -> Collector | MultiAsyncCollector:
     """In-process ``Collector`` on ``env`` (workers=0), or ``MultiAsyncCollector`` over ``cfg.workers``
     processes that each build their env with ``env_fn(worker_index)``."""

@@ -144,7 +144,9 @@ def test_worker_collector_acts_with_the_updated_weights(pretrained):
     env = make_chunk_env(seed=0, **env_kw)
     loss = make_agent(4, head_specs(env.decoder), cfg.agent)
     actor = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
-    collector = make_collector(env, actor, cfg.collect, env_fn=functools.partial(_worker_env, seed=0, **env_kw))
+    collector = make_collector(
+        env, actor, cfg.collect, env_fn=functools.partial(_worker_env, seed=0, **env_kw)
+    )
     try:
         batches = iter(collector)
         first = next(batches)[ACTION]
