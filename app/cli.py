@@ -35,9 +35,9 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def _load_fit_config(args: argparse.Namespace):
-    from app.schema import FitConfig
+    from app.schema import fit_schema
 
-    cfg = load_config(FitConfig, args.config, args.overrides)
+    cfg = load_config(fit_schema(args.config, args.overrides), args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return None
@@ -80,13 +80,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from app import tracking
     from app.evaluate import evaluate_zero_shot, plot_paths, plot_success, summary
-    from app.schema import FitConfig
+    from app.schema import PointCloudFitConfig, fit_schema
     from modules.nets.policy import CSPPolicy
 
     uri = tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri))
     with tempfile.TemporaryDirectory() as tmp:
         files = tracking.fetch_pretrain_run(uri, args.from_run, tmp)
-        cfg = load_config(FitConfig, files["config"], args.overrides)
+        schema = fit_schema(files["config"])
+        if schema is PointCloudFitConfig:
+            raise ValueError(
+                f"run {args.from_run!r} has a point-cloud policy; `tmrl eval` covers the mazes only"
+            )
+        cfg = load_config(schema, files["config"], args.overrides)
         policy = CSPPolicy.load(files["policy"])
     env_name = cfg.eval.env or cfg.demos.env
     results = evaluate_zero_shot(policy, env_name, cfg.eval)

@@ -19,10 +19,11 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from app import tracking
 from app.config import flatten, to_yaml
-from app.demos import generate_maze_demos
+from app.demos import generate_cube_demos, generate_maze_demos
 from app.evaluate import evaluate_zero_shot, metric_name, plot_paths, plot_success, summary
-from app.schema import DemoConfig, FitConfig
+from app.schema import DemoConfig, FitConfig, PointCloudDemoConfig
 from datamodules.episodes import EpisodeStore
+from datamodules.pointcloud import PointCloudDataConfig, PointCloudDataModule
 from datamodules.state import StateDataConfig, StateDataModule
 from modules.csp import CSPModule
 from modules.nets.policy import CSPPolicy
@@ -35,7 +36,9 @@ def _global_rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
-def ensure_demos(data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.0) -> EpisodeStore:
+def ensure_demos(
+    data: StateDataConfig | PointCloudDataConfig, demos: DemoConfig, wait_s: float = 3600.0
+) -> EpisodeStore:
     """Open the episode store at ``data.path``, generating it with the scripted expert if it is missing.
 
     Only global rank zero generates; other ranks (e.g. started by SLURM) wait for the store to appear.
@@ -52,6 +55,16 @@ def ensure_demos(data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.
             f"`tmrl demos --env {demos.env} --episodes N --out {path}` or set demos.generate=true"
         )
     print(f"[tmrl] {path} not found: generating {demos.episodes} expert episodes on {demos.env}")
+    if isinstance(demos, PointCloudDemoConfig):
+        return generate_cube_demos(
+            env=demos.env,
+            episodes=demos.episodes,
+            out=path,
+            episode_length=demos.episode_length,
+            seed=demos.seed,
+            cube=demos.cube,
+            oracle=demos.oracle,
+        )
     return generate_maze_demos(
         env=demos.env,
         episodes=demos.episodes,
@@ -122,8 +135,11 @@ def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
     store = ensure_demos(cfg.data, cfg.demos)
-    dm = StateDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
-    dm.setup("fit")
+    if isinstance(cfg.data, PointCloudDataConfig):
+        dm = PointCloudDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+    else:
+        dm = StateDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+    dm.setup("fit")  # a store that does not match the config is refused here, before any MLflow run
     policy = CSPPolicy(cfg.policy, obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
     policy.set_normalization(dm.stats)
     module = CSPModule(policy, cfg.optim)

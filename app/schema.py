@@ -6,11 +6,17 @@ YAML files under configs/ and command-line ``key=value`` overrides are merged on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
+
+from app.envs.cube import CubeConfig, OracleConfig
 from app.envs.maze import ExpertConfig
 from app.evaluate import EvalConfig
 from app.tracking import TrackingConfig
+from datamodules.pointcloud import PointCloudDataConfig
 from datamodules.state import StateDataConfig
 from modules.csp import OptimConfig
 from modules.nets.policy import PolicyConfig
@@ -77,3 +83,54 @@ class FitConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class PointCloudDemoConfig(DemoConfig):
+    """Point-cloud demonstrations: the cube task's cameras and cloud, and its scripted oracle's noise."""
+
+    env: str = "cube-single"
+    episodes: int = 100
+    episode_length: int = 200
+    cube: CubeConfig = field(default_factory=CubeConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+
+
+@dataclass
+class PointCloudFitConfig(FitConfig):
+    """`tmrl fit` with ``policy.context_mode: pointcloud``: point-cloud data and demonstrations."""
+
+    data: PointCloudDataConfig = field(default_factory=PointCloudDataConfig)
+    demos: PointCloudDemoConfig = field(default_factory=PointCloudDemoConfig)
+
+    def __post_init__(self) -> None:
+        sizes = {
+            "data.num_points": self.data.num_points,
+            "policy.num_points": self.policy.num_points,
+            "demos.cube.num_points": self.demos.cube.num_points,
+        }
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"the point count must agree: {sizes}; set policy.num_points: ${{data.num_points}} "
+                "and demos.cube.num_points: ${data.num_points}"
+            )
+        if self.eval.enabled:
+            raise ValueError(
+                "eval.enabled=true: zero-shot evaluation exists for the mazes only, not yet for the "
+                "point-cloud cube task; set eval.enabled=false"
+            )
+
+
+def fit_schema(path: str | Path | None, overrides: Sequence[str] = ()) -> type[FitConfig]:
+    """The schema a fit config is read with: :class:`PointCloudFitConfig` when its
+    ``policy.context_mode`` (the file's, or a ``policy.context_mode=`` override) is "pointcloud"."""
+    mode = None
+    if path is not None and Path(path).is_file():
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        policy = data.get("policy") if isinstance(data, dict) else None
+        mode = policy.get("context_mode") if isinstance(policy, dict) else None
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "policy.context_mode":
+            mode = value.strip()
+    return PointCloudFitConfig if mode == "pointcloud" else FitConfig

@@ -30,7 +30,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless; must be set before mujoco creates a GL context
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gymnasium  # noqa: E402
@@ -86,30 +86,31 @@ class CubeConfig:
     """The point-cloud cube task: cameras, rendering, cloud size, workspace crop and variation."""
 
     # keys of CAMERAS, fused into one cloud; each camera is one render (~45/s with the robot's meshes)
-    cameras: tuple[str, ...] = ("left", "right")
+    cameras: list[str] = field(default_factory=lambda: ["left", "right"])
     width: int = 96  # rendered depth image size, pixels (per camera; hardly changes the render time)
     height: int = 96
     num_points: int = 512  # N: every cloud has exactly N points
     robot_geometry: str = "visual"  # "visual" | "collision" | "none": keys of ROBOT_GEOMETRY
     # workspace crop box, world metres: the table area inside the cube's walls (x 0.22..0.63, y +-0.38),
     # from 5 mm above the floor (drops the floor, keeps the 4 cm cube) up to the gripper's working height
-    crop_low: tuple[float, float, float] = (0.225, -0.375, 0.005)
-    crop_high: tuple[float, float, float] = (0.625, 0.375, 0.5)
+    crop_low: list[float] = field(default_factory=lambda: [0.225, -0.375, 0.005])
+    crop_high: list[float] = field(default_factory=lambda: [0.625, 0.375, 0.5])
     downsample: str = "voxel"  # "voxel" (fast) or "poisson" (evenly spaced, ~10x slower)
     voxel_size: float = 0.01  # metres
     cloud_seed: int = 0  # seeds the resampling to exactly N, so a scene always gives the same cloud
     variation: str = "train"  # "train" | "heldout" (module docstring)
-    heldout_low: tuple[float, float] = (0.45, 0.15)  # held-out goal region (x, y), metres
-    heldout_high: tuple[float, float] = (0.55, 0.3)
+    heldout_low: list[float] = field(default_factory=lambda: [0.45, 0.15])  # held-out goal region (x, y), m
+    heldout_high: list[float] = field(default_factory=lambda: [0.55, 0.3])
     # targets are redrawn until this far (xy, metres) from the cube: twice the 0.04 m success radius, so no
     # episode starts solved (OGBench draws them independently; its evaluation tasks are >= 0.15 m apart)
     min_goal_distance: float = 0.08
     max_episode_steps: int = 200  # the env's time limit (truncation), OGBench's evaluation length
 
     def __post_init__(self) -> None:
-        self.cameras = tuple(self.cameras)
-        self.crop_low, self.crop_high = tuple(self.crop_low), tuple(self.crop_high)
-        self.heldout_low, self.heldout_high = tuple(self.heldout_low), tuple(self.heldout_high)
+        # lists (the config loader's sequence type); a caller's tuples are accepted and copied
+        self.cameras = list(self.cameras)
+        self.crop_low, self.crop_high = list(self.crop_low), list(self.crop_high)
+        self.heldout_low, self.heldout_high = list(self.heldout_low), list(self.heldout_high)
         unknown = [c for c in self.cameras if c not in CAMERAS]
         if not self.cameras or unknown:
             raise ValueError(
