@@ -3,6 +3,7 @@
 import math
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -498,3 +499,17 @@ def test_to_dict_and_flatten():
         "tags": "['a', 'b']",
         "limit": None,
     }
+
+
+@pytest.mark.parametrize(
+    "path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+)
+def test_every_shipped_config_loads(path):
+    """Each shipped config is valid for its command: fit configs with the schema their context mode picks,
+    fine-tuning configs (tmrl*.yaml) with FinetuneConfig."""
+    from app.finetune_config import FinetuneConfig
+    from app.schema import fit_schema
+
+    schema = FinetuneConfig if Path(path).name.startswith("tmrl") else fit_schema(path)
+    cfg = load_config(schema, path, ["data.path=x.zarr"] if schema is not FinetuneConfig else [])
+    assert isinstance(cfg, schema)
