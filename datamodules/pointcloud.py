@@ -23,21 +23,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import lightning as L
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.episodes import EpisodeStore
-from datamodules.state import (
-    GOAL_SAMPLING,
-    REQUIRED,
-    SEGMENT_KEY,
-    segment_ends,
-    split_episodes,
-    window_starts,
-)
+from datamodules.state import GOAL_SAMPLING, REQUIRED, SEGMENT_KEY, WindowDataModule, split_windows
 from modules.nets.keys import ACTION, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
 
@@ -256,18 +248,8 @@ def episode_rows(episode_ends: np.ndarray, episodes: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-class PointCloudDataModule(L.LightningDataModule):
+class PointCloudDataModule(WindowDataModule):
     """Demonstration windows with point clouds from an episode store (module docstring)."""
-
-    def __init__(self, cfg: PointCloudDataConfig, chunk_len: int, seed: int = 0) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.chunk_len = chunk_len
-        self.seed = seed
-        self.store: EpisodeStore | None = None
-        self.stats: dict[str, np.ndarray] = {}
-        self.train_set: PointCloudWindowDataset | None = None
-        self.val_set: PointCloudWindowDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Check the store against the config, split episodes, compute statistics, build the datasets."""
@@ -280,17 +262,7 @@ class PointCloudDataModule(L.LightningDataModule):
         act = store.load(ACTION).astype(np.float32)
         goal = store.load(goal_key).astype(np.float32)
         ends = store.episode_ends
-        train_eps, val_eps = split_episodes(store.num_episodes, cfg.val_fraction, self.seed)
-        train_w = window_starts(ends, train_eps, self.chunk_len)
-        val_w = window_starts(ends, val_eps, self.chunk_len)
-        if cfg.goal_sampling == "segment":
-            seg_end = segment_ends(ends, store.load(SEGMENT_KEY))
-            train_w[:, 1], val_w[:, 1] = seg_end[train_w[:, 0]], seg_end[val_w[:, 0]]
-        if len(train_w) == 0:
-            raise ValueError(
-                f"{cfg.path}: no training window of {self.chunk_len} steps fits in any episode; "
-                f"shorten policy.chunk_len or generate longer episodes"
-            )
+        train_w, val_w, train_eps = split_windows(store, cfg, self.chunk_len, self.seed)
         rows = episode_rows(ends, train_eps)
         clouds = store.load(POINTCLOUD).astype(np.float32) if cfg.load_to_memory else None
         cloud_source = clouds if clouds is not None else store.array(POINTCLOUD)
@@ -328,34 +300,9 @@ class PointCloudDataModule(L.LightningDataModule):
         return float(center[0]), float(center[1])
 
     @property
-    def obs_dim(self) -> int:
-        return int(self.train_set.observations.shape[1])
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.train_set.actions.shape[1])
-
-    @property
     def goal_dim(self) -> int:
         return int(self.train_set.goals.shape[1])
 
     @property
     def num_points(self) -> int:
         return int(self.cfg.num_points)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)

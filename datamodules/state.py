@@ -148,18 +148,81 @@ def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> tuple[n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-class StateDataModule(L.LightningDataModule):
-    """Demonstration windows from an episode store of low-dimensional states."""
+def split_windows(
+    store: EpisodeStore, cfg, chunk_len: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train windows, val windows, train episodes) of ``store``: episodes split by ``cfg.val_fraction``,
+    windows (start, end of the goal range) inside episodes, the end moved to the segment's end for
+    ``cfg.goal_sampling == "segment"``. ``cfg`` is a state or point-cloud data config.
 
-    def __init__(self, cfg: StateDataConfig, chunk_len: int, seed: int = 0) -> None:
+    Raises:
+        ValueError: segment goals without the segment key, or no window of ``chunk_len`` in any episode.
+    """
+    ends = store.episode_ends
+    train_eps, val_eps = split_episodes(store.num_episodes, cfg.val_fraction, seed)
+    train_w = window_starts(ends, train_eps, chunk_len)
+    val_w = window_starts(ends, val_eps, chunk_len)
+    if cfg.goal_sampling == "segment":
+        if SEGMENT_KEY not in store.keys:
+            raise ValueError(
+                f"{cfg.path}: data.goal_sampling=segment needs the {SEGMENT_KEY!r} key, which "
+                f"this store lacks (keys {store.keys}); regenerate it with `tmrl demos` or use "
+                f"data.goal_sampling=future"
+            )
+        seg_end = segment_ends(ends, store.load(SEGMENT_KEY))
+        train_w[:, 1], val_w[:, 1] = seg_end[train_w[:, 0]], seg_end[val_w[:, 0]]
+    if len(train_w) == 0:
+        raise ValueError(
+            f"{cfg.path}: no training window of {chunk_len} steps fits in any episode; "
+            f"shorten policy.chunk_len or generate longer episodes"
+        )
+    return train_w, val_w, train_eps
+
+
+class WindowDataModule(L.LightningDataModule):
+    """What every demonstration data module shares: config, statistics, datasets and their loaders.
+
+    Subclasses fill ``store``, ``stats``, ``train_set`` and ``val_set`` in ``setup``.
+    """
+
+    def __init__(self, cfg, chunk_len: int, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.chunk_len = chunk_len
         self.seed = seed
         self.store: EpisodeStore | None = None
         self.stats: dict[str, np.ndarray] = {}
-        self.train_set: WindowDataset | None = None
-        self.val_set: WindowDataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.train_set.observations.shape[1])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.train_set.actions.shape[1])
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class StateDataModule(WindowDataModule):
+    """Demonstration windows from an episode store of low-dimensional states."""
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:  # idempotent: the app calls it before Trainer.fit does
@@ -171,24 +234,7 @@ class StateDataModule(L.LightningDataModule):
         obs = store.load(OBS).astype(np.float32)
         act = store.load(ACTION).astype(np.float32)
         goal_indices = store.attrs.get("goal_indices")
-        ends = store.episode_ends
-        train_eps, val_eps = split_episodes(store.num_episodes, self.cfg.val_fraction, self.seed)
-        train_w = window_starts(ends, train_eps, self.chunk_len)
-        val_w = window_starts(ends, val_eps, self.chunk_len)
-        if self.cfg.goal_sampling == "segment":
-            if SEGMENT_KEY not in store.keys:
-                raise ValueError(
-                    f"{self.cfg.path}: data.goal_sampling=segment needs the {SEGMENT_KEY!r} key, which "
-                    f"this store lacks (keys {store.keys}); regenerate it with `tmrl demos` or use "
-                    f"data.goal_sampling=future"
-                )
-            seg_end = segment_ends(ends, store.load(SEGMENT_KEY))
-            train_w[:, 1], val_w[:, 1] = seg_end[train_w[:, 0]], seg_end[val_w[:, 0]]
-        if len(train_w) == 0:
-            raise ValueError(
-                f"{self.cfg.path}: no training window of {self.chunk_len} steps fits in any episode; "
-                f"shorten policy.chunk_len or generate longer episodes"
-            )
+        train_w, val_w, train_eps = split_windows(store, self.cfg, self.chunk_len, self.seed)
         kwargs = dict(
             chunk_len=self.chunk_len,
             goal_indices=goal_indices,
@@ -199,7 +245,7 @@ class StateDataModule(L.LightningDataModule):
         self.train_set = WindowDataset(obs, act, train_w, **kwargs)
         self.val_set = WindowDataset(obs, act, val_w, **kwargs)
         self.store = store
-        self.stats = self._statistics(obs, act, ends, train_eps, goal_indices)
+        self.stats = self._statistics(obs, act, store.episode_ends, train_eps, goal_indices)
 
     @staticmethod
     def _statistics(obs, act, ends, train_eps, goal_indices) -> dict[str, np.ndarray]:
@@ -219,31 +265,6 @@ class StateDataModule(L.LightningDataModule):
         return stats
 
     @property
-    def obs_dim(self) -> int:
-        return int(self.train_set.observations.shape[1])
-
-    @property
-    def action_dim(self) -> int:
-        return int(self.train_set.actions.shape[1])
-
-    @property
     def goal_dim(self) -> int:
         gi = self.train_set.goal_indices
         return 0 if gi is None else len(gi)
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
