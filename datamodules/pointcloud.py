@@ -29,44 +29,27 @@ import zarr
 from torch.utils.data import Dataset
 
 from datamodules.episodes import EpisodeStore
-from datamodules.state import GOAL_SAMPLING, REQUIRED, SEGMENT_KEY, WindowDataModule, split_windows
+from datamodules.state import SEGMENT_KEY, StateDataConfig, WindowDataModule, split_windows
 from modules.nets.keys import ACTION, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
 
 
 @dataclass
-class PointCloudDataConfig:
-    """Where the point-cloud demonstrations are, what they must look like, and how windows are drawn."""
+class PointCloudDataConfig(StateDataConfig):
+    """The state data settings (path, split, batch, workers, goal sampling), plus what the point-cloud store
+    must look like and how training clouds are augmented."""
 
-    path: str = REQUIRED  # episode store with observation, action, pointcloud and its goal_key array
     env: str | None = None  # the store's attrs "env" must equal this (e.g. cube-single); None: not checked
     num_points: int = 512  # N every stored cloud must have; a store with another N is refused
-    val_fraction: float = 0.05  # fraction of EPISODES held out for val/loss
-    batch_size: int = 256
-    num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
-    goal_sampling: str = "future"  # "future" | "geometric" | "segment", as in StateDataConfig
-    goal_geometric_p: float = 0.01  # success probability of the geometric offset (mean offset 1/p steps)
-    goal_end_p: float = 0.0  # probability that the goal is the last state of the goal range
     jitter_std: float = 0.002  # metres, Gaussian noise on every coordinate of a training cloud; 0 = off
     rotate_deg: float = 5.0  # max |angle| of a uniform rotation about the vertical axis; 0 = off
     load_to_memory: bool = False  # True: read every cloud into memory at setup (small stores only)
     stats_frames: int = 256  # training frames sampled for the cloud centre and scale
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        super().__post_init__()
         if self.num_points < 1:
             raise ValueError(f"data.num_points must be >= 1, got {self.num_points}")
-        if self.goal_sampling not in GOAL_SAMPLING:
-            raise ValueError(f"data.goal_sampling must be one of {GOAL_SAMPLING}, got {self.goal_sampling!r}")
-        if not 0.0 < self.goal_geometric_p <= 1.0:
-            raise ValueError(f"data.goal_geometric_p must be in (0, 1], got {self.goal_geometric_p}")
-        if not 0.0 <= self.goal_end_p <= 1.0:
-            raise ValueError(f"data.goal_end_p must be in [0, 1], got {self.goal_end_p}")
         if self.jitter_std < 0:
             raise ValueError(f"data.jitter_std must be >= 0 metres, got {self.jitter_std}")
         if not 0.0 <= self.rotate_deg <= 180.0:
