@@ -72,7 +72,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from app.compare import compare
     from app.tracking import TrackingConfig, resolve_uri
 
-    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent, args.filter)
+    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent, args.filter, args.by)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     example = "\"params.env_steps = '100000'\""
     p.add_argument("--filter", default=None, help=f"MLflow search filter on the children, e.g. {example}")
+    p.add_argument("--by", nargs="*", default=[], help="params splitting a method's runs (chunk.sigma_max)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")

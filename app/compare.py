@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,17 @@ METRIC = "eval/success_rate"
 EXPLORATION = "train/successes"
 
 
+def _group(run, by: Sequence[str]) -> str:
+    """A run's group: its method, then ``key=value`` for each param in ``by`` (e.g. chunk.sigma_max)."""
+    method = run.data.tags.get("tmrl.method", "?")
+    return " ".join([method, *(f"{key}={run.data.params.get(key, '?')}" for key in by)])
+
+
 def child_curves(
-    client: MlflowClient, parent: str, metric: str = METRIC, filter: str | None = None
+    client: MlflowClient, parent: str, metric: str = METRIC, filter: str | None = None, by: Sequence[str] = ()
 ) -> dict[str, list[np.ndarray]]:
-    """{method: [(T, 2) array of (env steps, value) per run]} for the children of ``parent``."""
+    """{group: [(T, 2) array of (env steps, value) per run]} for the children of ``parent``; a group is the
+    method, split further by the params named in ``by``."""
     exp = client.get_run(parent).info.experiment_id
     query = f"tags.`{PRETRAIN_TAG}` = '{parent}'" + (f" and {filter}" if filter else "")
     runs = client.search_runs([exp], filter_string=query, max_results=1000)
@@ -34,7 +42,7 @@ def child_curves(
     for run in runs:
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
         if history:
-            curves[run.data.tags.get("tmrl.method", "?")].append(np.asarray(history, dtype=np.float64))
+            curves[_group(run, by)].append(np.asarray(history, dtype=np.float64))
     return dict(curves)
 
 
@@ -71,14 +79,16 @@ def plot_curves(
     return path
 
 
-def compare(uri: str, parent: str, filter: str | None = None) -> dict[str, tuple[float, float, int]]:
-    """Plot and log the comparison; returns {method: (mean final success, std, seeds)}."""
+def compare(
+    uri: str, parent: str, filter: str | None = None, by: Sequence[str] = ()
+) -> dict[str, tuple[float, float, int]]:
+    """Plot and log the comparison; returns {group: (mean final success, std, seeds)}."""
     client = MlflowClient(tracking_uri=uri)
-    curves = child_curves(client, parent, METRIC, filter)
+    curves = child_curves(client, parent, METRIC, filter, by)
     if not curves:
         where = f" matching {filter!r}" if filter else ""
         raise ValueError(f"run {parent!r} has no fine-tuning runs{where} with {METRIC} in {uri}")
-    explored = child_curves(client, parent, EXPLORATION, filter)
+    explored = child_curves(client, parent, EXPLORATION, filter, by)
     summary = {}
     for method, runs in sorted(curves.items()):
         finals = np.array([r[-1, 1] for r in runs])

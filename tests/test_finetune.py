@@ -189,6 +189,9 @@ def test_compare_plots_every_method_on_the_parent(store, tmp_path, capsys):
     assert main(["compare", "--parent", parent, "--filter", "tags.`tmrl.method` = 'dsrl'"]) == 0
     out = capsys.readouterr().out
     assert "dsrl" in out and "tmrl " not in out
+    assert main(["compare", "--parent", parent, "--by", "chunk.sigma_max", "seed"]) == 0
+    out = capsys.readouterr().out
+    assert "dsrl chunk.sigma_max=1.0 seed=0" in out and "tmrl chunk.sigma_max=1.0 seed=0" in out
     assert main(["compare", "--parent", parent, "--filter", "params.env_steps = '7'"]) == 2
     assert "matching" in capsys.readouterr().err
     files = {f.path for f in MlflowClient(uri).list_artifacts(parent, "plots")}
