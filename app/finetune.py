@@ -121,7 +121,8 @@ def make_collector(
     if env_fn is None:
         raise ValueError(f"collect.workers={cfg.workers} needs env_fn, a picklable env factory")
     envs = [functools.partial(env_fn, i) for i in range(cfg.workers)]
-    return MultiAsyncCollector(envs, policy, num_threads=1, **kw)
+    # the learner keeps its thread count (cfg.threads); each worker runs one thread (num_sub_threads=1)
+    return MultiAsyncCollector(envs, policy, num_threads=torch.get_num_threads(), num_sub_threads=1, **kw)
 
 
 def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> ReplayBuffer:
@@ -229,8 +230,7 @@ def open_demos(path: str | None, from_run: str) -> EpisodeStore:
 
 
 def _worker_env(index: int, seed: int, **kw) -> ChunkEnv:
-    """The env of collector worker ``index`` (its own seed stream, one thread)."""
-    torch.set_num_threads(1)
+    """The env of collector worker ``index``, on its own seed stream."""
     return make_chunk_env(seed=seed + 1000 * (index + 1), **kw)
 
 

@@ -10,6 +10,7 @@ from modules.nets import CSPPolicy, PolicyConfig
 from modules.nets.keys import ACTION, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import NoiseCodeMap, PointCloudNorm, PointNetEncoder, pointcloud_stats
 from modules.nets.schedule import alpha_bar
+from tests.test_nets import perturb
 
 D_O, D_G, D_A, L, B, N = 4, 2, 3, 4, 8, 64
 A_LOW, A_HIGH = torch.tensor([-1.0, -1.0, 0.0]), torch.tensor([1.0, 1.0, 2.0])
@@ -60,15 +61,6 @@ def make_batch(b: int = B, seed: int = 1, goal: bool = True) -> dict[str, torch.
     if goal:
         batch[GOAL] = torch.randn(b, D_G, generator=g) * 0.1 + 0.5
     return batch
-
-
-def perturb(policy: CSPPolicy) -> CSPPolicy:
-    """Give the zero-initialized output layers nonzero weights so outputs depend on every input."""
-    g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for p in policy.net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return policy
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
