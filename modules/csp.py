@@ -27,6 +27,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     ema_decay: float = 0.999  # 0 disables the EMA (the EMA copy then tracks the weights exactly)
+    # training context-noise levels sigma ~ U[0, sigma_max]; 0 trains plain BC (no context smoothing),
+    # the baseline CSP is compared with
+    sigma_max: float = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -37,6 +40,8 @@ class OptimConfig:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0.0 <= self.sigma_max <= 1.0:
+            raise ValueError(f"optim.sigma_max must be in [0, 1], got {self.sigma_max}")
 
 
 class CSPModule(L.LightningModule):
@@ -48,8 +53,13 @@ class CSPModule(L.LightningModule):
         self.optim = optim
         self.ema = copy.deepcopy(policy).requires_grad_(False)
 
+    def _sigma(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Training noise levels (B,) ~ U[0, optim.sigma_max]."""
+        actions = batch["action"]
+        return self.optim.sigma_max * torch.rand(actions.shape[0], device=actions.device)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.policy.loss(batch)
+        loss = self.policy.loss(batch, sigma=self._sigma(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["action"]))
         return loss
 
@@ -57,7 +67,7 @@ class CSPModule(L.LightningModule):
         # fixed noise per batch index, so val/loss moves only when the (EMA) weights do
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_idx)
-            loss = self.ema.loss(batch)
+            loss = self.ema.loss(batch, sigma=self._sigma(batch))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["action"]))
         return loss
 
