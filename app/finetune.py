@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 from app import tracking
 from app.config import flatten, to_yaml
-from app.envs.batched_maze import TaskConfig, maze_dims
-from app.envs.torchrl_envs import ChunkEnv, make_chunk_env
+from app.envs.batched_maze import TaskConfig
+from app.envs.cube import CubeConfig
+from app.envs.torchrl_envs import ChunkEnv, env_dims, make_chunk_env
 from app.evaluate import _pyplot
 from app.finetune_config import AgentConfig, CollectConfig, FinetuneConfig
 from datamodules.episodes import EpisodeStore
 from datamodules.offline import demo_chunks, mixed_sample
-from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.keys import ACTION, CONTEXT_FEATURE, GOAL, OBS
 from modules.nets.policy import CSPPolicy
 from modules.tmrl.actor import ChunkActor, HeadSpec
 from modules.tmrl.critic import CriticEnsemble
@@ -46,10 +47,16 @@ PROGRESS_KEYS = ("eval/success_rate", "train/episode_success", "train/sigma_mean
 
 
 def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
-    """Refuse a pre-trained policy whose observation/action/goal sizes do not fit the target env."""
-    obs_dim, action_dim = maze_dims(task.env)
-    want = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": 2}
+    """Refuse a pre-trained policy whose observation/action/goal sizes (or context) do not fit the env."""
+    obs_dim, action_dim, goal_dim = env_dims(task)
+    want = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": goal_dim}
     have = {"obs_dim": policy.obs_dim, "action_dim": policy.action_dim, "goal_dim": policy.goal_dim}
+    cloud = policy.cfg.context_mode == "pointcloud"
+    if cloud != task.is_cube:
+        raise ValueError(
+            f"the policy of run {run_id!r} has context_mode={policy.cfg.context_mode!r}, which does not fit "
+            f"task.env={task.env!r}: point-cloud policies fine-tune on 'cube-single', the others on mazes"
+        )
     bad = [f"{k}: policy {have[k]} vs env {want[k]}" for k in want if have[k] != want[k]]
     if bad:
         raise ValueError(
@@ -72,10 +79,16 @@ class ActorPolicy(torch.nn.Module):
         super().__init__()
         self.actor = actor
 
-    def forward(self, observation: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    def forward(self, *state: torch.Tensor) -> torch.Tensor:
+        """``state``: the tensors of ``state_keys`` (observation, goal[, context feature]), concatenated."""
         deterministic = exploration_type() == ExplorationType.DETERMINISTIC
-        action, _ = self.actor(torch.cat([observation, goal], dim=-1), deterministic=deterministic)
+        action, _ = self.actor(torch.cat(state, dim=-1), deterministic=deterministic)
         return action
+
+
+def state_keys(env: ChunkEnv) -> list[str]:
+    """What the agent sees, in the order the loss's ``state_of`` concatenates it."""
+    return [OBS, GOAL] + [CONTEXT_FEATURE] * (CONTEXT_FEATURE in env.observation_spec.keys())
 
 
 def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLLoss:
@@ -209,14 +222,32 @@ def save_agent(path: Path, loss: TMRLLoss, optimizers: dict, counters: dict[str,
     return path
 
 
-def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> tuple[CSPPolicy, str | None]:
-    """Fetch the pre-training run's exported policy and the path of its demonstrations; refuse a run that
-    does not exist, is not a CSP pre-training run, or whose policy does not fit the target environment."""
+@dataclass
+class BaseRun:
+    """What fine-tuning takes from the pre-training run."""
+
+    policy: CSPPolicy
+    demos_path: str | None  # its data.path
+    cube: CubeConfig | None  # its demos.cube: the cameras and cloud the policy saw (cube tasks)
+
+
+def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> BaseRun:
+    """Fetch the pre-training run's exported policy, the path of its demonstrations and, for the cube, its
+    camera and cloud settings; refuse a run that does not exist, is not a CSP pre-training run, or whose
+    policy does not fit the target environment."""
     files = tracking.fetch_pretrain_run(tracking.resolve_uri(cfg.tracking), from_run, tmp)
     policy = CSPPolicy.load(files["policy"]).requires_grad_(False)
     check_compatible(policy, cfg.task, from_run)
     data = yaml.safe_load(files["config"].read_text()) or {}
-    return policy, (data.get("data") or {}).get("path")
+    cube = None
+    if cfg.task.is_cube:
+        cube = CubeConfig(**((data.get("demos") or {}).get("cube") or {}))
+        if cube.num_points != policy.cfg.num_points:
+            raise ValueError(
+                f"run {from_run!r}: demos.cube.num_points={cube.num_points} but its policy takes "
+                f"{policy.cfg.num_points} points"
+            )
+    return BaseRun(policy, (data.get("data") or {}).get("path"), cube)
 
 
 def open_demos(path: str | None, from_run: str) -> EpisodeStore:
@@ -259,19 +290,22 @@ def build_pipeline(
     scratch_dir: Path,
     demos: EpisodeStore | None = None,
     warmup: bool = True,
+    cube: CubeConfig | None = None,
 ) -> Pipeline:
     """make_env -> make_agent -> make_collector -> make_buffer, each from its own sub-config; with
-    ``demos``, their chunks (same H_exec, reward and discount semantics as online data) for mixing."""
+    ``demos``, their chunks (same H_exec, reward and discount semantics as online data) for mixing;
+    ``cube``: the cameras and cloud of a cube task (the pre-training run's)."""
     c = cfg.chunk
-    env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon)
+    env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon, cube=cube)
     env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
     env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps)
     env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
     worker_env = functools.partial(_worker_env, num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
     eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
-    state_dim = env.observation_spec[OBS].shape[-1] + env.observation_spec[GOAL].shape[-1]
+    keys = state_keys(env)
+    state_dim = sum(env.observation_spec[k].shape[-1] for k in keys)
     loss = make_agent(state_dim, head_specs(env.decoder), cfg.agent)
-    policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
+    policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=keys, out_keys=[ACTION])
     return Pipeline(
         env=env,
         eval_env=eval_env,
@@ -282,7 +316,7 @@ def build_pipeline(
         buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir),
         offline=None
         if demos is None
-        else demo_chunks(demos, env.maze.goal_xy, env.maze.goal_tol, cfg.chunk.exec_horizon),
+        else demo_chunks(demos, env.backend.goal_xy, env.backend.goal_tol, cfg.chunk.exec_horizon),
     )
 
 
@@ -401,8 +435,8 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
         # "sac"/"rlpd" use no base policy, but the run they name must still be a fitting pre-training run
-        base, demos_path = load_base_policy(cfg, from_run, tmp)
-    demos = open_demos(cfg.offline.path or demos_path, from_run) if cfg.method == "rlpd" else None
+        base = load_base_policy(cfg, from_run, tmp)
+    demos = open_demos(cfg.offline.path or base.demos_path, from_run) if cfg.method == "rlpd" else None
     if cfg.resume:
         client, run_id = tracking.client_for(cfg.tracking), cfg.resume
         check_resume(client, cfg, from_run)
@@ -417,7 +451,9 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     ok = False
     try:
         raw = cfg.method in ("sac", "rlpd")
-        p = build_pipeline(cfg, None if raw else base, run_dir / "buffer", demos, warmup=not cfg.resume)
+        p = build_pipeline(
+            cfg, None if raw else base.policy, run_dir / "buffer", demos, not cfg.resume, base.cube
+        )
         start = None
         if cfg.resume:
             start = resume_state(client, cfg, run_dir, p)

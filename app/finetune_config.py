@@ -111,3 +111,8 @@ class FinetuneConfig:
             raise ValueError(f"method={self.method!r}; expected one of {sorted(METHODS)}")
         if self.env_steps < 1:
             raise ValueError(f"env_steps must be >= 1, got {self.env_steps}")
+        if self.method == "rlpd" and self.task.is_cube:
+            raise ValueError(
+                "method=rlpd mixes in the maze demonstrations' chunks; on task.env='cube-single' use "
+                "tmrl, fixed_sigma, dsrl or sac"
+            )

@@ -177,8 +177,9 @@ class GoalSeeker:
 
     action_dim, chunk_len, env_action_dim = 2, 16, 2
 
-    def __call__(self, action: torch.Tensor, obs: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        return ((goal - obs) / 0.8).clamp(-1, 1)[:, None, :].expand(-1, self.chunk_len, -1)
+    def __call__(self, action: torch.Tensor, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        step = (obs[GOAL] - obs[OBS]) / 0.8
+        return step.clamp(-1, 1)[:, None, :].expand(-1, self.chunk_len, -1)
 
 
 def test_termination_stops_a_chunk_early() -> None:
@@ -189,7 +190,7 @@ def test_termination_stops_a_chunk_early() -> None:
 
     ref = BatchedMaze(task, 4, seed=1)
     obs, goal = ref.reset()
-    chunk = GoalSeeker()(None, torch.from_numpy(obs), torch.from_numpy(goal)).numpy()
+    chunk = GoalSeeker()(None, {OBS: torch.from_numpy(obs), GOAL: torch.from_numpy(goal)}).numpy()
     first_success, final_obs = np.zeros(4, np.int64), np.zeros((4, 2), np.float32)
     for t in range(16):
         out = ref.step(chunk[:, t], ~ref.terminated)
@@ -203,13 +204,13 @@ def test_termination_stops_a_chunk_early() -> None:
     )
     np.testing.assert_array_equal(td["next", "reward"][:, 0, 0].numpy(), np.ones(4))
     np.testing.assert_array_equal(td["next", OBS][:, 0].numpy(), final_obs)
-    np.testing.assert_array_equal(env.maze.step_count, first_success)  # nothing ran past the success
+    np.testing.assert_array_equal(env.backend.step_count, first_success)  # nothing ran past the success
 
 
 def test_env_steps_count_every_real_step(policy: CSPPolicy) -> None:
     env = make_chunk_env(TaskConfig(max_steps=10), 3, policy, "tmrl", exec_horizon=4, seed=0)
     calls = [0]
-    for maze in env.maze._mazes:
+    for maze in env.backend._mazes:
         inner = maze.step
 
         def counted(action, inner=inner):
@@ -286,9 +287,9 @@ def test_decoder_samples_the_policy_with_the_decoded_noise(policy: CSPPolicy) ->
     want = policy.sample(
         {OBS: obs, GOAL: goal}, parts["sigma"], action_noise=parts["z"], context_noise=parts["eps_c"], steps=3
     )
-    torch.testing.assert_close(dec(action, obs, goal), want)
+    torch.testing.assert_close(dec(action, {OBS: obs, GOAL: goal}), want)
     with pytest.raises(ValueError, match=r"action is \(5, 4\); expected a tensor of shape \(N, 5\)"):
-        dec(action[:, :4], obs, goal)
+        dec(action[:, :4], {OBS: obs, GOAL: goal})
 
 
 @pytest.mark.parametrize(
@@ -310,7 +311,7 @@ def test_decoder_validates(policy: CSPPolicy, kwargs: dict, match: str) -> None:
 def test_raw_decoder_is_the_chunk() -> None:
     dec = RawDecoder(exec_horizon=3, action_dim=2)
     action = torch.arange(12.0).reshape(2, 6) / 12
-    chunk = dec(action, None, None)
+    chunk = dec(action, {})
     assert dec.action_dim == 6 and chunk.shape == (2, 3, 2)
     torch.testing.assert_close(chunk[1, 2], action[1, 4:6])  # action-major layout
 

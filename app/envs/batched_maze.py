@@ -20,6 +20,8 @@ import numpy as np
 from app.envs.maze import GOAL_INDICES, make_maze_env, resolve_maze, seeded_global_numpy
 
 NUM_TASKS = 5  # OGBench's evaluation tasks per maze
+CUBE_ENV = "cube-single"  # the point-cloud cube task (app/envs/cube.py); every other name is a maze
+CUBE_VARIATIONS = ("train", "heldout")  # app.envs.cube.VARIATIONS (not imported: no MuJoCo rendering here)
 
 
 def _check_cell(name: str, cell: Any) -> None:
@@ -30,14 +32,17 @@ def _check_cell(name: str, cell: Any) -> None:
 
 @dataclass
 class TaskConfig:
-    """The fine-tuning target task.
+    """The fine-tuning target task: a maze start/goal, or a variation of the point-cloud cube task.
 
     Attributes:
-        env: maze name (short, e.g. "pointmaze-large", or the full OGBench id).
+        env: maze name (short, e.g. "pointmaze-large", or the full OGBench id), or "cube-single".
         task_id: OGBench evaluation task 1..5 (its start and goal cells), or None to give both cells.
+            Mazes only, as are init_ij and goal_ij.
         init_ij: start cell [i, j] (row, column of ``maze_map``), overriding the task's; must be free.
         goal_ij: goal cell [i, j], overriding the task's; must be free.
         max_steps: low-level time limit: an episode is truncated after this many environment steps.
+        variation: cube only: "heldout" (targets in the goal region the demonstrations never used) or
+            "train". The cameras and the cloud are the pre-training run's (its ``demos.cube``).
     """
 
     env: str = "pointmaze-large"
@@ -45,8 +50,25 @@ class TaskConfig:
     init_ij: list[int] | None = None
     goal_ij: list[int] | None = None
     max_steps: int = 1000
+    variation: str = "heldout"
+
+    @property
+    def is_cube(self) -> bool:
+        return self.env == CUBE_ENV
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"TaskConfig.max_steps={self.max_steps!r}; expected an integer >= 1")
+        if self.is_cube:
+            if self.variation not in CUBE_VARIATIONS:
+                raise ValueError(
+                    f"TaskConfig.variation={self.variation!r}; expected one of {list(CUBE_VARIATIONS)}"
+                )
+            if self.init_ij is not None or self.goal_ij is not None:
+                raise ValueError(
+                    f"TaskConfig.init_ij/goal_ij are maze cells; task.env={CUBE_ENV!r} takes task.variation"
+                )
+            return
         resolve_maze(self.env)  # raises, listing the known names
         tid = self.task_id
         bad_id = isinstance(tid, bool) or not isinstance(tid, int) or not 1 <= tid <= NUM_TASKS
@@ -63,8 +85,6 @@ class TaskConfig:
                 f"TaskConfig.task_id=None needs both init_ij and goal_ij; got init_ij={self.init_ij!r}, "
                 f"goal_ij={self.goal_ij!r}"
             )
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"TaskConfig.max_steps={self.max_steps!r}; expected an integer >= 1")
 
     def cells(self, maze: Any) -> tuple[tuple[int, int], tuple[int, int]]:
         """(start cell, goal cell) on ``maze`` (an OGBench maze env, unwrapped), checked to be free cells.

@@ -1,9 +1,13 @@
-"""OGBench mazes as TorchRL environments: the low-level ``MazeEnv`` and TMRL's high-level ``ChunkEnv``.
+"""OGBench tasks as TorchRL environments: the low-level maze ``MazeEnv`` and TMRL's high-level ``ChunkEnv``.
 
 Both hold N sub-envs in one process (batch_size [N], float32 tensors on the CPU) and accept partial resets
-through the ``"_reset"`` mask a collector passes. Keys: ``OBS`` (N, d_o), ``GOAL`` (N, 2) and ``"success"``
+through the ``"_reset"`` mask a collector passes. Keys: ``OBS`` (N, d_o), ``GOAL`` (N, d_g) and ``"success"``
 (N, 1) bool in the observation spec (so they appear under ``"next"``), ``"reward"`` (N, 1) and
 ``"done"``/``"terminated"``/``"truncated"`` (N, 1) bool. ChunkEnv adds ``"env_steps"`` (N, 1) int64.
+
+ChunkEnv runs a maze (``BatchedMaze``) or the point-cloud cube (``BatchedCube``). On the cube the clouds
+stay inside the env: they are rendered once per chunk, for the decoder, and the agent sees
+``CONTEXT_FEATURE`` (N, F) instead, the frozen policy's PointNet features of the clean cloud.
 
 A decoder turns ChunkEnv's flat high-level action into a chunk of low-level actions: ``BasePolicyDecoder``
 through the frozen CSP policy (TMRL, fixed-sigma ablation, DSRL), ``RawDecoder`` as the chunk itself (SAC).
@@ -12,6 +16,8 @@ through the frozen CSP policy (TMRL, fixed-sigma ablation, DSRL), ``RawDecoder``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,8 +27,10 @@ from torch import Tensor
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from app.envs.batched_cube import BatchedCube
 from app.envs.batched_maze import BatchedMaze, TaskConfig, maze_dims
-from modules.nets.keys import GOAL, OBS
+from app.envs.cube import CubeConfig
+from modules.nets.keys import CONTEXT_FEATURE, GOAL, OBS, POINTCLOUD
 from modules.nets.policy import CSPPolicy
 
 HEADS = ("z", "sigma", "eps_c")  # the parts of the high-level action a layout may hold
@@ -38,7 +46,30 @@ class ChunkDecoder(Protocol):
     chunk_len: int  # actions per decoded chunk (ChunkEnv executes the first exec_horizon of them)
     env_action_dim: int  # d_a, size of one low-level action
 
-    def __call__(self, action: Tensor, obs: Tensor, goal: Tensor) -> Tensor: ...
+    def __call__(self, action: Tensor, obs: Mapping[str, Tensor]) -> Tensor: ...
+
+
+Backend = BatchedMaze | BatchedCube
+
+
+def make_backend(task: TaskConfig, num_envs: int, seed: int, cube: CubeConfig | None = None) -> Backend:
+    """The numpy-level batch of ``task``: a BatchedMaze, or for the cube a BatchedCube with the cameras and
+    cloud of ``cube`` (the pre-training run's ``demos.cube``) and the task's variation and time limit."""
+    if not task.is_cube:
+        return BatchedMaze(task, num_envs, seed)
+    if cube is None:
+        raise ValueError(
+            "task.env='cube-single' needs the cameras and point-cloud settings the policy was trained with "
+            "(the pre-training run's demos.cube); got cube=None"
+        )
+    return BatchedCube(replace(cube, variation=task.variation, max_episode_steps=task.max_steps), num_envs, seed)
+
+
+def env_dims(task: TaskConfig) -> tuple[int, int, int]:
+    """(obs_dim, action_dim, goal_dim) of ``task``'s environment."""
+    if task.is_cube:
+        return BatchedCube.obs_dim, BatchedCube.action_dim, BatchedCube.goal_dim
+    return (*maze_dims(task.env), 2)
 
 
 def _check_action(action: Tensor, dim: int, who: str) -> None:
@@ -56,7 +87,9 @@ class BasePolicyDecoder:
             defaults: sigma = ``fixed_sigma``, eps_c = zeros.
         sigma_max: sigma = sigma_max * (u + 1) / 2, so u in [-1, 1] spans [0, sigma_max].
         fixed_sigma: the context-noise level when "sigma" is not a head.
-        eps_bound: eps_c = eps_bound * u, in [-eps_bound, eps_bound]^d_c.
+        eps_bound: eps_c = eps_bound * u, in [-eps_bound, eps_bound]^d_c. A policy with a context code map
+            (``context_code_dim`` d > 0, needed for point clouds) takes the code instead: the eps_c head has
+            d outputs and eps_c = ``policy.context_noise_from_code(eps_bound * u)``.
         z_mode: "repeat": d_z = d_a, one vector repeated over the chunk; "full": d_z = L * d_a.
         z_map: "erfinv": z = sqrt(2) erfinv(u), so a uniform u gives exactly N(0, 1) noise (the policy was
             trained on Gaussian noise); "linear": z = 3 u.
@@ -87,17 +120,26 @@ class BasePolicyDecoder:
         ):
             if not ok:
                 raise ValueError(f"BasePolicyDecoder {name}={value!r}; expected {want}")
+        cloud = policy.cfg.context_mode == "pointcloud"
+        if cloud and "eps_c" in heads and not policy.context_code_dim:
+            raise ValueError(
+                f"the policy's context is a point cloud ({policy.context_dim} numbers) with no context code "
+                f"map, too large for an eps_c head; pre-train with policy.context_code_dim > 0 (e.g. 16), "
+                f"or fine-tune without the eps_c head (method=dsrl)"
+            )
         self.policy = policy.eval().requires_grad_(False)  # frozen: only sampled, never trained
         self.heads, self.sigma_max, self.fixed_sigma = heads, sigma_max, fixed_sigma
         self.eps_bound, self.z_mode, self.z_map, self.steps = eps_bound, z_mode, z_map, steps
         self.chunk_len, self.env_action_dim = policy.cfg.chunk_len, policy.action_dim
+        self.feature_dim = policy.cfg.width if cloud else 0  # CONTEXT_FEATURE size; 0: none
         d_z = policy.action_dim * (policy.cfg.chunk_len if z_mode == "full" else 1)
-        sizes = {"z": d_z, "sigma": 1, "eps_c": policy.context_dim}
+        sizes = {"z": d_z, "sigma": 1, "eps_c": policy.context_code_dim or policy.context_dim}
         self.sizes = {h: sizes[h] for h in heads}  # layout of the flat action, in order
         self.action_dim = sum(self.sizes.values())
 
     def split(self, action: Tensor) -> dict[str, Tensor]:
-        """Decode a flat action (N, D) into z (N, L, d_a), sigma (N,) and eps_c (N, d_c), defaults filled."""
+        """Decode a flat action (N, D) into z (N, L, d_a), sigma (N,) and eps_c (N, d_c), defaults filled
+        (eps_c is the code (N, d) when the policy has a context code map)."""
         _check_action(action, self.action_dim, "BasePolicyDecoder")
         # a squashed Gaussian can land a hair outside [-1, 1] in float32; the maps assume the box
         chunks = action.clamp(-1.0, 1.0).split(list(self.sizes.values()), dim=-1)
@@ -116,21 +158,36 @@ class BasePolicyDecoder:
         if "eps_c" in parts:
             eps_c = self.eps_bound * parts["eps_c"]  # (N, d_c)
         else:
-            eps_c = action.new_zeros((n, self.policy.context_dim))
+            eps_c = action.new_zeros((n, self.sizes.get("eps_c", self.policy.context_dim)))
         return {"z": z, "sigma": sigma, "eps_c": eps_c}
 
+    def _batch(self, obs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The policy's inputs from the env's observation (OBS, GOAL if the policy has one, POINTCLOUD)."""
+        device = next(self.policy.parameters()).device
+        keys = [OBS] + [GOAL] * (self.policy.goal_dim > 0) + [POINTCLOUD] * (self.feature_dim > 0)
+        return {k: obs[k].to(device) for k in keys}
+
     @torch.no_grad()
-    def __call__(self, action: Tensor, obs: Tensor, goal: Tensor) -> Tensor:
+    def __call__(self, action: Tensor, obs: Mapping[str, Tensor]) -> Tensor:
         """Chunk (N, L, d_a) of raw low-level actions for all N sub-envs in one batched sample call."""
         device = next(self.policy.parameters()).device
         parts = {k: v.to(device) for k, v in self.split(action).items()}
-        batch = {OBS: obs.to(device)}
-        if self.policy.goal_dim > 0:
-            batch[GOAL] = goal.to(device)
+        eps_c = parts["eps_c"]
+        if self.policy.context_code_dim:
+            eps_c = self.policy.context_noise_from_code(eps_c)  # (N, d) code -> (N, d_c)
         chunk = self.policy.sample(
-            batch, parts["sigma"], action_noise=parts["z"], context_noise=parts["eps_c"], steps=self.steps
+            self._batch(obs), parts["sigma"], action_noise=parts["z"], context_noise=eps_c, steps=self.steps
         )
         return chunk.to(action.device, torch.float32)
+
+    @torch.no_grad()
+    def features(self, obs: Mapping[str, Tensor]) -> Tensor:
+        """(N, F) PointNet features of the CLEAN clouds (sigma = 0): the agent's view of the scene."""
+        batch = self._batch(obs)
+        zeros = batch[OBS].new_zeros(batch[OBS].shape[0])
+        eps = batch[OBS].new_zeros(batch[OBS].shape[0], self.policy.context_dim)
+        _, cloud = self.policy.noised_context(batch, zeros, eps)  # sigma = 0: the normalized cloud itself
+        return self.policy.noised_encoder(cloud).float().cpu()
 
 
 class RawDecoder:
@@ -148,23 +205,27 @@ class RawDecoder:
         self.chunk_len, self.env_action_dim = exec_horizon, action_dim
         self.action_dim = exec_horizon * action_dim
 
-    def __call__(self, action: Tensor, obs: Tensor, goal: Tensor) -> Tensor:
+    def __call__(self, action: Tensor, obs: Mapping[str, Tensor]) -> Tensor:
         """(N, H * d_a) -> (N, H, d_a), action-major (the first d_a values are the first action)."""
         _check_action(action, self.action_dim, "RawDecoder")
         return action.reshape(action.shape[0], self.chunk_len, self.env_action_dim)
 
 
-def _set_specs(env: EnvBase, maze: BatchedMaze, action_dim: int, exec_horizon: int | None) -> None:
-    """Observation (+ success, + env_steps for chunks), action, reward and done specs of batch [N]."""
-    n = maze.num_envs
+def _set_specs(
+    env: EnvBase, backend: Backend, action_dim: int, exec_horizon: int | None, feature_dim: int = 0
+) -> None:
+    """Observation (+ success, + env_steps for chunks, + CONTEXT_FEATURE), action, reward and done specs."""
+    n = backend.num_envs
     flag = Categorical(2, shape=(n, 1), dtype=torch.bool)
     obs = {
-        OBS: Unbounded(shape=(n, maze.obs_dim), dtype=torch.float32),
-        GOAL: Unbounded(shape=(n, maze.goal_dim), dtype=torch.float32),
+        OBS: Unbounded(shape=(n, backend.obs_dim), dtype=torch.float32),
+        GOAL: Unbounded(shape=(n, backend.goal_dim), dtype=torch.float32),
         "success": flag.clone(),
     }
     if exec_horizon is not None:
         obs["env_steps"] = Bounded(0, exec_horizon, shape=(n, 1), dtype=torch.int64)
+    if feature_dim:
+        obs[CONTEXT_FEATURE] = Unbounded(shape=(n, feature_dim), dtype=torch.float32)
     env.observation_spec = Composite(obs, shape=(n,))
     env.action_spec = Bounded(-1.0, 1.0, shape=(n, action_dim), dtype=torch.float32)
     env.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32)
@@ -173,23 +234,23 @@ def _set_specs(env: EnvBase, maze: BatchedMaze, action_dim: int, exec_horizon: i
     )
 
 
-def _state_td(maze: BatchedMaze, **extra: np.ndarray) -> TensorDict:
-    """Every sub-env's latest observation and flags (copied: the maze arrays change in place)."""
+def _state_td(backend: Backend, **extra: np.ndarray) -> TensorDict:
+    """Every sub-env's latest observation and flags (copied: the backend's arrays change in place)."""
 
     def col(a: np.ndarray) -> Tensor:  # (N,) -> (N, 1)
         return torch.from_numpy(a.copy()).unsqueeze(-1)
 
-    done = maze.terminated | maze.truncated
+    done = backend.terminated | backend.truncated
     data = {
-        OBS: torch.from_numpy(maze.observation.copy()),
-        GOAL: torch.from_numpy(maze.goal.copy()),
-        "success": col(maze.success),
-        "terminated": col(maze.terminated),
-        "truncated": col(maze.truncated),
+        OBS: torch.from_numpy(backend.observation.copy()),
+        GOAL: torch.from_numpy(backend.goal.copy()),
+        "success": col(backend.success),
+        "terminated": col(backend.terminated),
+        "truncated": col(backend.truncated),
         "done": col(done),
     }
     data.update({k: col(v) for k, v in extra.items()})
-    return TensorDict(data, batch_size=[maze.num_envs])
+    return TensorDict(data, batch_size=[backend.num_envs])
 
 
 def _reset_mask(tensordict: TensorDictBase | None, n: int) -> np.ndarray | None:
@@ -244,15 +305,22 @@ class ChunkEnv(EnvBase):
         reset         only later, in _reset, when the collector passes "_reset" (never inside _step)
 
     Args:
-        task: the target task (maze, start and goal cells, low-level time limit).
+        task: the target task (maze start and goal cells, or cube variation; the low-level time limit).
         num_envs: N sub-envs decoded in one batch.
         decoder: flat action (N, D) in [-1, 1] -> chunk (N, >= exec_horizon, d_a); see ``make_chunk_env``.
         exec_horizon: H, low-level actions executed per high-level step.
-        seed: seed of the start/goal jitter.
+        seed: seed of the start/goal draws.
+        cube: the cube's cameras and cloud (the pre-training run's ``demos.cube``); cube tasks only.
     """
 
     def __init__(
-        self, task: TaskConfig, num_envs: int, decoder: ChunkDecoder, exec_horizon: int, seed: int = 0
+        self,
+        task: TaskConfig,
+        num_envs: int,
+        decoder: ChunkDecoder,
+        exec_horizon: int,
+        seed: int = 0,
+        cube: CubeConfig | None = None,
     ) -> None:
         if isinstance(exec_horizon, bool) or not isinstance(exec_horizon, int) or exec_horizon < 1:
             raise ValueError(f"ChunkEnv exec_horizon={exec_horizon!r}; expected an integer >= 1")
@@ -261,48 +329,66 @@ class ChunkEnv(EnvBase):
                 f"ChunkEnv exec_horizon={exec_horizon} exceeds the decoder's chunk length {decoder.chunk_len}"
             )
         super().__init__(batch_size=torch.Size([num_envs]), device="cpu")
-        self.maze = BatchedMaze(task, num_envs, seed)
-        if decoder.env_action_dim != self.maze.action_dim:
+        self.backend = make_backend(task, num_envs, seed, cube)
+        if decoder.env_action_dim != self.backend.action_dim:
             raise ValueError(
-                f"decoder makes {decoder.env_action_dim}-d actions; {task.env} expects {self.maze.action_dim}"
+                f"decoder makes {decoder.env_action_dim}-d actions; {task.env} expects {self.backend.action_dim}"
             )
         self.decoder, self.exec_horizon = decoder, exec_horizon
+        self.clouds = isinstance(self.backend, BatchedCube)
+        # the agent's view of the cloud: only a base policy with a PointNet can give one
+        self.feature_dim = getattr(decoder, "feature_dim", 0) if self.clouds else 0
         self._env_steps = np.zeros(num_envs, np.int64)  # real env steps of each sub-env's last chunk
-        _set_specs(self, self.maze, decoder.action_dim, exec_horizon)
+        _set_specs(self, self.backend, decoder.action_dim, exec_horizon, self.feature_dim)
+
+    def _observation(self, rows: np.ndarray | None = None) -> dict[str, Tensor]:
+        """What the decoder reads: OBS, GOAL and, on the cube, the clouds (rendered for ``rows`` if stale)."""
+        b = self.backend
+        obs = {OBS: torch.from_numpy(b.observation.copy()), GOAL: torch.from_numpy(b.goal.copy())}
+        if self.clouds:
+            obs[POINTCLOUD] = torch.from_numpy(b.observe_clouds(rows))
+        return obs
+
+    def _state(self, rows: np.ndarray | None = None) -> TensorDict:
+        """The TorchRL observation; on the cube it renders the clouds of ``rows`` for CONTEXT_FEATURE."""
+        td = _state_td(self.backend, env_steps=self._env_steps)
+        if self.feature_dim:
+            td.set(CONTEXT_FEATURE, self.decoder.features(self._observation(rows)))
+        return td
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
-        mask = _reset_mask(tensordict, self.maze.num_envs)
-        self.maze.reset(mask)
+        mask = _reset_mask(tensordict, self.backend.num_envs)
+        self.backend.reset(mask)
         self._env_steps[slice(None) if mask is None else mask] = 0
-        return _state_td(self.maze, env_steps=self._env_steps)
+        return self._state()
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        maze, n = self.maze, self.maze.num_envs
-        obs, goal = torch.from_numpy(maze.observation.copy()), torch.from_numpy(maze.goal.copy())
-        chunk = self.decoder(tensordict.get("action"), obs, goal)  # (N, L, d_a)
-        bad_shape = chunk.ndim != 3 or chunk.shape[0] != n or chunk.shape[2] != maze.action_dim
+        b, n = self.backend, self.backend.num_envs
+        chunk = self.decoder(tensordict.get("action"), self._observation())  # (N, L, d_a)
+        bad_shape = chunk.ndim != 3 or chunk.shape[0] != n or chunk.shape[2] != b.action_dim
         if bad_shape or chunk.shape[1] < self.exec_horizon:
             raise ValueError(
                 f"decoder returned a chunk of shape {tuple(chunk.shape)}; expected ({n}, >= "
-                f"{self.exec_horizon}, {maze.action_dim})"
+                f"{self.exec_horizon}, {b.action_dim})"
             )
         chunk = chunk[:, : self.exec_horizon].detach().cpu().numpy()  # (N, H, d_a)
         reward = np.zeros(n, np.float32)
         self._env_steps[:] = 0
         live = np.ones(n, bool)
         for t in range(self.exec_horizon):
-            out = maze.step(chunk[:, t], live)
+            out = b.step(chunk[:, t], live)
             reward[live] += out["reward"][live]
             self._env_steps[live] += 1
             # a finished sub-env stops here: the rest of its chunk is dropped, its last obs stays put
             live &= ~(out["terminated"] | out["truncated"])
             if not live.any():
                 break
-        td = _state_td(maze, env_steps=self._env_steps)
+        # a terminated sub-env's next state is never bootstrapped from: its cloud need not be rendered
+        td = self._state(rows=~b.terminated)
         return td.set("reward", torch.from_numpy(reward).unsqueeze(-1))
 
     def _set_seed(self, seed: int | None) -> None:
-        self.maze.seed(seed)
+        self.backend.seed(seed)
 
 
 # The high-level action layout per method; None = raw environment actions, no base policy.
@@ -322,6 +408,7 @@ def make_chunk_env(
     method: str,
     exec_horizon: int,
     seed: int = 0,
+    cube: CubeConfig | None = None,
     **decoder_kw: Any,
 ) -> ChunkEnv:
     """ChunkEnv with the decoder of ``method`` (one of ``METHODS``).
@@ -334,11 +421,11 @@ def make_chunk_env(
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     layout = METHODS[method]
     if layout is None:
-        decoder: ChunkDecoder = RawDecoder(exec_horizon, maze_dims(task.env)[1])
+        decoder: ChunkDecoder = RawDecoder(exec_horizon, env_dims(task)[1])
     else:
         if policy is None:
             raise ValueError(f"method {method!r} needs the pre-trained policy; got policy=None")
         if "heads" in decoder_kw:
             raise ValueError(f"decoder_kw may not set 'heads': method {method!r} fixes {layout['heads']}")
         decoder = BasePolicyDecoder(policy, **{**decoder_kw, **layout})
-    return ChunkEnv(task, num_envs, decoder, exec_horizon, seed)
+    return ChunkEnv(task, num_envs, decoder, exec_horizon, seed, cube)

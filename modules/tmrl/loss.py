@@ -19,7 +19,7 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from torch import Tensor
 from torchrl.objectives import LossModule, SoftUpdate
 
-from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.keys import ACTION, CONTEXT_FEATURE, GOAL, OBS
 from modules.tmrl.actor import ChunkActor, HeadSpec
 from modules.tmrl.critic import CriticEnsemble
 
@@ -30,11 +30,13 @@ TERMINATED = "terminated"  # (B, 1) bool, task success: the only thing that stop
 ENV_STEPS = "env_steps"  # (B, 1) int, real env steps this chunk ran (the discount exponent)
 
 
-def state_of(td: TensorDictBase, obs_key: str = OBS, goal_key: str = GOAL) -> Tensor:
-    """The high-level state (B, d_o [+ d_g]): observation, with the goal appended when present."""
-    obs = td.get(obs_key)
-    goal = td.get(goal_key, None)
-    return obs if goal is None else torch.cat([obs, goal], dim=-1)
+def state_of(
+    td: TensorDictBase, obs_key: str = OBS, goal_key: str = GOAL, feature_key: str = CONTEXT_FEATURE
+) -> Tensor:
+    """The high-level state (B, d_o [+ d_g] [+ F]): observation, then the goal and the point-cloud
+    features (``CONTEXT_FEATURE``) where present."""
+    parts = [td.get(obs_key)] + [td.get(k) for k in (goal_key, feature_key) if k in td.keys()]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 class TMRLLoss(LossModule):
@@ -61,6 +63,7 @@ class TMRLLoss(LossModule):
 
         observation: str = OBS
         goal: str = GOAL
+        context_feature: str = CONTEXT_FEATURE
         action: str = ACTION
         reward: str = REWARD
         terminated: str = TERMINATED
@@ -115,14 +118,16 @@ class TMRLLoss(LossModule):
         self.target_updater.step()
 
     def _state(self, td: TensorDictBase) -> Tensor:
-        return state_of(td, self.tensor_keys.observation, self.tensor_keys.goal)
+        keys = self.tensor_keys
+        return state_of(td, keys.observation, keys.goal, keys.context_feature)
 
     def _next_state(self, td: TensorDictBase) -> Tensor:
         nxt = td.get(NEXT)
-        if (self.tensor_keys.goal in td.keys()) != (self.tensor_keys.goal in nxt.keys()):
-            raise KeyError(
-                "the goal must be present in both the root and 'next' of a transition, or in neither"
-            )
+        for key in (self.tensor_keys.goal, self.tensor_keys.context_feature):
+            if (key in td.keys()) != (key in nxt.keys()):
+                raise KeyError(
+                    f"{key!r} must be present in both the root and 'next' of a transition, or in neither"
+                )
         return self._state(nxt)
 
     def _discount(self, td: TensorDictBase, like: Tensor) -> Tensor:
