@@ -27,13 +27,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from app.envs.batched_maze import BatchedMaze, maze_dims
+from app.envs.batched_cube import BatchedCube
+from app.envs.cube import CubeConfig
+from app.envs.torchrl_envs import env_dims, make_backend
 from app.finetune import FinetuneConfig, RunHooks, build_pipeline, run_loop
 from app.pretrain import ensure_demos
 from app.schema import FitConfig
 from datamodules.state import StateDataModule
 from modules.csp import CSPModule
-from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.keys import ACTION
 from modules.nets.policy import CSPPolicy, PolicyConfig
 
 WARMUP = 3  # untimed steps: first-call allocations and thread-pool start-up
@@ -185,30 +187,45 @@ def _unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
     stats |= {"action_min": -np.ones(d_a), "action_max": np.ones(d_a)}
     if d_g:
         stats |= {"goal_mean": np.zeros(d_g), "goal_std": np.ones(d_g)}
+    if policy.cfg.context_mode == "pointcloud":
+        stats |= {"pointcloud_center": np.array([0.425, 0.0, 0.1]), "pointcloud_scale": np.array([0.2])}
     return stats
 
 
-def env_steps_per_s(cfg: FinetuneConfig, steps: int) -> float:
-    """The batched maze alone, random actions, auto-reset of finished sub-envs."""
-    maze = BatchedMaze(cfg.task, cfg.collect.num_envs, seed=cfg.seed)
-    maze.reset()
+def env_steps_per_s(cfg: FinetuneConfig, steps: int, cube: CubeConfig | None = None) -> float:
+    """The batched env alone (physics only: no clouds), random actions, auto-reset of finished sub-envs."""
+    backend = make_backend(cfg.task, cfg.collect.num_envs, cfg.seed, cube)
+    backend.reset()
     rng = np.random.default_rng(0)
     n, live, done = cfg.collect.num_envs, np.ones(cfg.collect.num_envs, bool), 0
     start = time.perf_counter()
     while done < steps:
-        out = maze.step(rng.uniform(-1, 1, (n, maze.action_dim)), live)
+        out = backend.step(rng.uniform(-1, 1, (n, backend.action_dim)), live)
         done += n
         finished = out["terminated"] | out["truncated"]
         if finished.any():
-            maze.reset(finished)
-    return done / (time.perf_counter() - start)
+            backend.reset(finished)
+    rate = done / (time.perf_counter() - start)
+    backend.close()
+    return rate
+
+
+def clouds_per_s(backend: BatchedCube, count: int) -> float:
+    """Point-cloud observations/s: depth renders, back-projection, crop and downsampling of a scene."""
+    backend.reset()
+    rounds = max(1, count // backend.num_envs)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        backend._stale[:] = True  # force a fresh render of every sub-env
+        backend.observe_clouds()
+    return rounds * backend.num_envs / (time.perf_counter() - start)
 
 
 def sampling_env_steps_per_s(env, exec_horizon: int, calls: int) -> float:
     """The decoder (base-policy chunk sampling) alone at the env batch, in env steps it would serve."""
-    td = env.reset()
+    env.reset()
     action = env.action_spec.rand()
-    obs = {OBS: td[OBS], GOAL: td[GOAL]}
+    obs = env._observation()
     env.decoder(action, obs)  # first call allocates
     start = time.perf_counter()
     for _ in range(calls):
@@ -216,34 +233,50 @@ def sampling_env_steps_per_s(env, exec_horizon: int, calls: int) -> float:
     return calls * env.batch_size[0] * exec_horizon / (time.perf_counter() - start)
 
 
-def bench_finetune(cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int) -> dict[str, float]:
-    """Full loop vs its floor (environment + base-policy sampling), at the config's batch of envs."""
+def bench_finetune(
+    cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int, cube: CubeConfig | None = None
+) -> dict[str, float]:
+    """Full loop vs its floor (environment + base-policy sampling [+ clouds]) at the config's batch of
+    envs; ``cube``: the cameras and cloud of a cube task (a point-cloud fit config's demos.cube)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()  # the collector's shutdown may change it
-    obs_dim, action_dim = maze_dims(cfg.task.env)
-    base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=2)
+    obs_dim, action_dim, goal_dim = env_dims(cfg.task)
+    base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=goal_dim)
     base.set_normalization(_unit_stats(base))
     cfg = dataclasses.replace(cfg, env_steps=env_steps, progress_bar=False)
     cfg.eval.every_env_steps = 0
+    n, h = cfg.collect.num_envs, cfg.chunk.exec_horizon
     with tempfile.TemporaryDirectory() as tmp:
-        p = build_pipeline(cfg, None if cfg.method == "sac" else base, Path(tmp))
-        r_env = env_steps_per_s(cfg, env_steps)
-        r_sample = sampling_env_steps_per_s(p.env, cfg.chunk.exec_horizon, 50)
+        p = build_pipeline(cfg, None if cfg.method == "sac" else base, Path(tmp), cube=cube)
+        clouds = p.env.clouds
+        r_env = env_steps_per_s(cfg, min(env_steps, 2000), cube)
+        r_sample = sampling_env_steps_per_s(p.env, h, 50)
+        r_cloud = clouds_per_s(p.env.backend, 4 * n) if clouds else float("inf")
         start = time.perf_counter()
         counters = run_loop(cfg, p, RunHooks())
         r_loop = counters["env_steps"] / (time.perf_counter() - start)
         p.collector.shutdown()
-    floor = 1.0 / (1.0 / r_env + 1.0 / r_sample)
-    n, h = cfg.collect.num_envs, cfg.chunk.exec_horizon
+    # an env step needs its physics, 1/H of a chunk sample and, on the cube, 1/H of a cloud
+    floor = 1.0 / (1.0 / r_env + 1.0 / r_sample + 1.0 / (r_cloud * h))
     print(
-        f"tmrl bench finetune: method {cfg.method}, {n} envs, H_exec {h}, K {cfg.chunk.sample_steps}, "
-        f"policy width {policy_cfg.width} x {policy_cfg.depth}, {counters['env_steps']} env steps "
-        f"({counters['updates']} updates), torch threads {threads}, "
+        f"tmrl bench finetune: {cfg.task.env}, method {cfg.method}, {n} envs, H_exec {h}, "
+        f"K {cfg.chunk.sample_steps}, policy width {policy_cfg.width} x {policy_cfg.depth}, "
+        f"{counters['env_steps']} env steps ({counters['updates']} updates), torch threads {threads}, "
         f"collector workers {cfg.collect.workers or 'none (in-process)'}"
     )
-    print(f"  environment alone      {r_env:9.0f} env steps/s")
+    print(f"  environment alone      {r_env:9.0f} env steps/s   (physics)")
+    figures = {"env": r_env, "sampling": r_sample, "floor": floor, "loop": r_loop, "share": r_loop / floor}
+    if clouds:
+        # seconds making clouds per env step over seconds per env step of the whole loop
+        figures |= {"clouds_per_s": r_cloud, "cloud_share_of_step": r_loop / (r_cloud * h)}
+        print(
+            f"  point clouds alone     {r_cloud:9.1f} observations/s ({cube.num_points} points, "
+            f"{len(cube.cameras)} cameras): {r_cloud * h:.0f} env steps/s at one per chunk"
+        )
     print(f"  chunk sampling alone   {r_sample:9.0f} env steps/s   (batch {n})")
-    print(f"  floor (both)           {floor:9.0f} env steps/s")
+    print(f"  floor (all)            {floor:9.0f} env steps/s")
     print(f"  full loop              {r_loop:9.0f} env steps/s   = {r_loop / floor:.0%} of the floor")
-    return {"env": r_env, "sampling": r_sample, "floor": floor, "loop": r_loop, "share": r_loop / floor}
+    if clouds:
+        print(f"  point clouds' share of a fine-tuning env step: {figures['cloud_share_of_step']:.0%}")
+    return figures

@@ -169,7 +169,7 @@ def test_bench_commands_report_their_figures(tmp_path, capsys, monkeypatch):
     ft = ["bench", "finetune", "--config", TINY_FT, "--policy-config", TINY_FIT, "--env-steps", "200"]
     assert main(ft) == 0
     out = capsys.readouterr().out
-    for label in ("environment alone", "chunk sampling alone", "floor (both)", "of the floor"):
+    for label in ("environment alone", "chunk sampling alone", "floor (all)", "of the floor"):
         assert label in out
     pre = ["bench", "pretrain", "--config", TINY_FIT, "--steps", "4", f"data.path={tmp_path / 'd.zarr'}"]
     assert main(pre) == 0

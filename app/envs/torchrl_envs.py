@@ -62,7 +62,8 @@ def make_backend(task: TaskConfig, num_envs: int, seed: int, cube: CubeConfig | 
             "task.env='cube-single' needs the cameras and point-cloud settings the policy was trained with "
             "(the pre-training run's demos.cube); got cube=None"
         )
-    return BatchedCube(replace(cube, variation=task.variation, max_episode_steps=task.max_steps), num_envs, seed)
+    cube = replace(cube, variation=task.variation, max_episode_steps=task.max_steps)
+    return BatchedCube(cube, num_envs, seed)
 
 
 def env_dims(task: TaskConfig) -> tuple[int, int, int]:
@@ -331,9 +332,8 @@ class ChunkEnv(EnvBase):
         super().__init__(batch_size=torch.Size([num_envs]), device="cpu")
         self.backend = make_backend(task, num_envs, seed, cube)
         if decoder.env_action_dim != self.backend.action_dim:
-            raise ValueError(
-                f"decoder makes {decoder.env_action_dim}-d actions; {task.env} expects {self.backend.action_dim}"
-            )
+            want = self.backend.action_dim
+            raise ValueError(f"decoder makes {decoder.env_action_dim}-d actions; {task.env} expects {want}")
         self.decoder, self.exec_horizon = decoder, exec_horizon
         self.clouds = isinstance(self.backend, BatchedCube)
         # the agent's view of the cloud: only a base policy with a PointNet can give one
