@@ -5,6 +5,7 @@
     tmrl finetune --from-run <run_id> method=dsrl env_steps=50000 seed=1
     tmrl compare --parent <run_id>
     tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
+    tmrl eval --from-run <point-cloud run_id> eval.states=20 eval.rollouts=8 eval.variations=[heldout]
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
     tmrl demos --env cube-single --episodes 4 --episode-length 200 --out data/cube.zarr
     tmrl bench pretrain --config configs/csp_state.yaml
@@ -88,11 +89,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         files = tracking.fetch_pretrain_run(uri, args.from_run, tmp)
         schema = fit_schema(files["config"])
         if schema is PointCloudFitConfig:
-            raise ValueError(
-                f"run {args.from_run!r} has a point-cloud policy; `tmrl eval` covers the mazes only"
-            )
+            _drop_maze_eval_keys(files["config"])
         cfg = load_config(schema, files["config"], args.overrides)
         policy = CSPPolicy.load(files["policy"])
+    if isinstance(cfg, PointCloudFitConfig):
+        _eval_cube_run(cfg, policy, Path(args.out or Path(cfg.output_dir) / args.from_run / "eval"))
+        return
     env_name = cfg.eval.env or cfg.demos.env
     results = evaluate_zero_shot(policy, env_name, cfg.eval)
     out = Path(args.out or Path(cfg.output_dir) / args.from_run / "eval")
@@ -100,6 +102,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     plot_success(results, env_name, out / "zero_shot_success.png")
     plot_paths(results, env_name, out / "zero_shot_paths.png")
     for line in summary(results, env_name):
+        print(line)
+    print(f"[tmrl] plots in {out}")
+
+
+def _drop_maze_eval_keys(path: Path) -> None:
+    """Point-cloud runs fitted before the cube evaluation existed stored the maze's ``eval`` section, whose
+    ``env`` and ``episodes_per_task`` the cube's schema refuses: drop the keys it does not know."""
+    import dataclasses
+
+    import yaml
+
+    from app.evaluate_cube import CubeEvalConfig
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in dataclasses.fields(CubeEvalConfig)}
+    section = data.get("eval")
+    if isinstance(section, dict) and set(section) - known:
+        data["eval"] = {key: value for key, value in section.items() if key in known}
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _eval_cube_run(cfg, policy, out: Path) -> None:
+    """`tmrl eval` of a point-cloud run: Success@K on the cube task, in the run's cameras and cloud."""
+    from app.evaluate_cube import evaluate_cube, plot_success_at_k, summary
+
+    results = evaluate_cube(policy, cfg.demos.cube, cfg.eval)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_success_at_k(results, out / "zero_shot_success_at_k.png")
+    for line in summary(results):
         print(line)
     print(f"[tmrl] plots in {out}")
 
@@ -203,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--out", default=None, help="where plots go (default: <output_dir>/<run_id>/eval)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.episodes_per_task=10")
+    example = "eval.episodes_per_task=10 (point-cloud runs: eval.states=20)"
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demos", help="generate scripted-expert demonstrations into an episode store")

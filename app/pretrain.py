@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from app import evaluate_cube as cube_eval
 from app import tracking
 from app.config import flatten, to_yaml
 from app.demos import generate_cube_demos, generate_maze_demos
@@ -192,6 +193,9 @@ def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store
     client.log_artifact(run_id, str(policy_path), "checkpoints")
     if not cfg.eval.enabled:
         return
+    if isinstance(cfg.eval, cube_eval.CubeEvalConfig):
+        _evaluate_cube(cfg, client, run_id, policy, module.global_step)
+        return
     env_name = cfg.eval.env or store.attrs.get("env") or cfg.demos.env
     results = evaluate_zero_shot(policy, env_name, cfg.eval, progress=cfg.trainer.progress_bar)
     step = module.global_step
@@ -205,3 +209,15 @@ def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store
             plot_paths(results, env_name, Path(tmp) / "zero_shot_paths.png"),
         ):
             client.log_artifact(run_id, str(plot), "plots")
+
+
+def _evaluate_cube(cfg, client, run_id: str, policy: CSPPolicy, step: int) -> None:
+    """Success@K of a point-cloud policy on the cube task, in the run's cameras and cloud (``demos.cube``)."""
+    results = cube_eval.evaluate_cube(policy, cfg.demos.cube, cfg.eval, progress=cfg.trainer.progress_bar)
+    for name, value in cube_eval.metrics(results).items():
+        client.log_metric(run_id, name, value, step=step)
+    for line in cube_eval.summary(results):
+        print(line)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = cube_eval.plot_success_at_k(results, Path(tmp) / "zero_shot_success_at_k.png")
+        client.log_artifact(run_id, str(plot), "plots")

@@ -15,6 +15,7 @@ import yaml
 from app.envs.cube import CubeConfig, OracleConfig
 from app.envs.maze import ExpertConfig
 from app.evaluate import EvalConfig
+from app.evaluate_cube import CubeEvalConfig
 from app.tracking import TrackingConfig
 from datamodules.pointcloud import PointCloudDataConfig
 from datamodules.state import StateDataConfig
@@ -98,10 +99,12 @@ class PointCloudDemoConfig(DemoConfig):
 
 @dataclass
 class PointCloudFitConfig(FitConfig):
-    """`tmrl fit` with ``policy.context_mode: pointcloud``: point-cloud data and demonstrations."""
+    """`tmrl fit` with ``policy.context_mode: pointcloud``: point-cloud data and demonstrations, and the
+    cube task's Success@K evaluation (in ``demos.cube``'s cameras and cloud)."""
 
     data: PointCloudDataConfig = field(default_factory=PointCloudDataConfig)
     demos: PointCloudDemoConfig = field(default_factory=PointCloudDemoConfig)
+    eval: CubeEvalConfig = field(default_factory=CubeEvalConfig)
 
     def __post_init__(self) -> None:
         sizes = {
@@ -114,10 +117,9 @@ class PointCloudFitConfig(FitConfig):
                 f"the point count must agree: {sizes}; set policy.num_points: ${{data.num_points}} "
                 "and demos.cube.num_points: ${data.num_points}"
             )
-        if self.eval.enabled:
+        if self.eval.enabled and self.eval.exec_horizon > self.policy.chunk_len:  # refused before training
             raise ValueError(
-                "eval.enabled=true: zero-shot evaluation exists for the mazes only, not yet for the "
-                "point-cloud cube task; set eval.enabled=false"
+                f"eval.exec_horizon={self.eval.exec_horizon} exceeds policy.chunk_len={self.policy.chunk_len}"
             )
 
 

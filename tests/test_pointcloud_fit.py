@@ -1,4 +1,5 @@
-"""`tmrl fit` with a point-cloud context, end to end at test size, and its refusals."""
+"""`tmrl fit` with a point-cloud context, end to end at test size (the cube's Success@K evaluation
+included), `tmrl eval` of its run, and its refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from app.cli import main
-from app.config import load_config
+from app.config import ConfigError, load_config
 from app.schema import FitConfig, PointCloudFitConfig, fit_schema
 from modules.nets.policy import CSPPolicy
 
@@ -56,6 +57,47 @@ def test_pointcloud_fit_runs_end_to_end(fitted):
     batch = {"observation": torch.zeros(2, policy.obs_dim), "goal": torch.zeros(2, 3),
              "pointcloud": torch.zeros(2, 32, 3)}  # fmt: skip
     assert policy.sample(batch, sigma=0.0, steps=2).shape == (2, 4, 5)
+
+
+def test_the_fit_ends_with_the_cube_evaluation(fitted):
+    tmp, uri, run_id, _ = fitted
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    expected = {f"eval/heldout/success_at_{k}_sigma_{s}" for k in (1, 2) for s in (0, 1)}
+    expected |= {"eval/heldout/success_sigma_0", "eval/heldout/success_sigma_1"}
+    assert expected <= set(run.data.metrics) and all(0 <= run.data.metrics[m] <= 1 for m in expected)
+    assert not any(m.startswith("eval/train/") for m in run.data.metrics)  # variations: [heldout]
+    history = client.get_metric_history(run_id, "eval/heldout/success_at_2_sigma_1")
+    assert [m.step for m in history] == [4]  # the final global step (trainer.max_steps)
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/zero_shot_success_at_k.png"]
+
+
+def test_eval_of_a_pointcloud_run(fitted, capsys):
+    tmp, uri, run_id, _ = fitted
+    capsys.readouterr()
+    out = tmp / "ev"
+    args = ["--uri", uri, "--out", str(out), "eval.sigmas=[0.5]", "eval.rollouts=1", "eval.max_steps=4"]
+    assert main(["eval", "--from-run", run_id, *args]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "zero-shot cube" in ln]
+    assert len(lines) == 1 and "heldout sigma=0.5" in lines[0] and "1 states x 1" in lines[0]
+    assert (out / "zero_shot_success_at_k.png").stat().st_size > 0
+
+
+def test_a_pre_cube_eval_config_loses_the_maze_eval_keys(tmp_path):
+    """Runs fitted before the cube evaluation stored the maze's eval keys; `tmrl eval` drops them."""
+    from app.cli import _drop_maze_eval_keys
+
+    path = tmp_path / "config.yaml"
+    maze_eval = (
+        "eval:\n  enabled: false\n  env: null\n  episodes_per_task: 2\n  sigmas: [0.0]\n  exec_horizon: 4\n"
+    )
+    path.write_text(Path(TINY).read_text().split("\neval:")[0] + "\n" + maze_eval)
+    with pytest.raises(ConfigError, match="episodes_per_task"):
+        load_config(PointCloudFitConfig, path, ["data.path=x.zarr"])
+    _drop_maze_eval_keys(path)
+    cfg = load_config(PointCloudFitConfig, path, ["data.path=x.zarr", "eval.states=3"])
+    assert cfg.eval.states == 3 and cfg.eval.sigmas == [0.0] and cfg.eval.exec_horizon == 4
+    assert cfg.policy.chunk_len == 4 and cfg.demos.cube.num_points == 32  # the rest is kept
 
 
 def test_a_store_with_another_point_count_is_refused(fitted, capsys):
