@@ -9,6 +9,7 @@
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
     tmrl demos --env cube-single --episodes 4 --episode-length 200 --out data/cube.zarr
     tmrl bench pretrain --config configs/csp_state.yaml
+    tmrl bench finetune --config configs/tmrl_cube.yaml --policy-config configs/csp_pointcloud.yaml
     tmrl ui --port 5000
 
 Errors in what the user gave (config keys and values, paths, run ids) are printed as one clear message
@@ -187,11 +188,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_bench_finetune(args: argparse.Namespace) -> None:
     from app.bench import bench_finetune
     from app.finetune import FinetuneConfig
-    from app.schema import FitConfig
+    from app.schema import fit_schema
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    policy_cfg = load_config(FitConfig, args.policy_config).policy
-    bench_finetune(cfg, policy_cfg, env_steps=args.env_steps)
+    fit_cfg = load_config(fit_schema(args.policy_config), args.policy_config)
+    cube = getattr(fit_cfg.demos, "cube", None) if cfg.task.is_cube else None
+    bench_finetune(cfg, fit_cfg.policy, env_steps=args.env_steps, cube=cube)
 
 
 def cmd_ui(args: argparse.Namespace) -> None:

@@ -137,3 +137,14 @@ def test_finetune_from_a_point_cloud_run(cube_run, tmp_path, capsys, monkeypatch
     # rlpd mixes maze demonstrations and is refused on the cube before any run starts
     assert main([*args, "method=rlpd"]) == 2
     assert "method=rlpd" in capsys.readouterr().err
+
+
+def test_bench_finetune_on_the_cube_reports_the_point_cloud_figures(tmp_path, capsys, monkeypatch):
+    """Smoke test at test size: the cube benchmark runs and prints its point-cloud figures."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    args = ["bench", "finetune", "--config", TINY_FT, "--policy-config", TINY_FIT, "--env-steps", "16",
+            "collect.num_envs=1", "eval.episodes=1"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for label in ("point clouds alone", "observations/s", "share of a fine-tuning env step", "of the floor"):
+        assert label in out
