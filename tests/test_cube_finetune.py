@@ -87,6 +87,19 @@ def test_the_eps_c_code_is_mapped_to_the_cloud_noise():
     torch.testing.assert_close(seen["context_noise"], policy.context_noise_from_code(code))
 
 
+@pytest.mark.parametrize("heads", [["z"], ["z", "sigma"]])
+def test_without_an_eps_c_head_the_cloud_is_not_noised_by_the_code_map(heads):
+    policy = cube_policy()  # it has a code map, but the layout has no eps_c head (dsrl, sigma only)
+    dec = BasePolicyDecoder(policy, heads, fixed_sigma=0.0)
+    action = torch.rand(2, dec.action_dim) * 2 - 1
+    seen = {}
+    sample = policy.sample
+    policy.sample = lambda *a, **kw: seen.update(kw) or sample(*a, **kw)  # instance attribute: this test only
+    obs = {OBS: torch.zeros(2, 19), GOAL: torch.zeros(2, 3), POINTCLOUD: torch.rand(2, P, 3)}
+    assert dec(action, obs).shape == (2, 8, 5)
+    torch.testing.assert_close(seen["context_noise"], torch.zeros(2, policy.context_dim))
+
+
 def test_a_cloud_policy_without_a_code_map_is_refused_an_eps_c_head_but_not_dsrl():
     policy = cube_policy(code_dim=0)
     with pytest.raises(ValueError, match="context_code_dim"):

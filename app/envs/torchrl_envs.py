@@ -159,7 +159,7 @@ class BasePolicyDecoder:
         if "eps_c" in parts:
             eps_c = self.eps_bound * parts["eps_c"]  # (N, d_c)
         else:
-            eps_c = action.new_zeros((n, self.sizes.get("eps_c", self.policy.context_dim)))
+            eps_c = action.new_zeros((n, self.policy.context_dim))  # no head: the clean context
         return {"z": z, "sigma": sigma, "eps_c": eps_c}
 
     def _batch(self, obs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -174,7 +174,7 @@ class BasePolicyDecoder:
         device = next(self.policy.parameters()).device
         parts = {k: v.to(device) for k, v in self.split(action).items()}
         eps_c = parts["eps_c"]
-        if self.policy.context_code_dim:
+        if "eps_c" in self.sizes and self.policy.context_code_dim:
             eps_c = self.policy.context_noise_from_code(eps_c)  # (N, d) code -> (N, d_c)
         chunk = self.policy.sample(
             self._batch(obs), parts["sigma"], action_noise=parts["z"], context_noise=eps_c, steps=self.steps
