@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import lightning as L
+import pytest
 import torch
 
 from datamodules.state import StateDataConfig, StateDataModule
@@ -93,3 +94,19 @@ def test_validation_loss_is_deterministic_for_fixed_weights(synthetic_store):
     torch.manual_seed(123)
     second = module.validation_step(batch, 0)
     assert torch.equal(first, second)
+
+
+def test_sigma_max_bounds_the_training_noise_levels_and_zero_is_plain_bc(synthetic_store):
+    seen = []
+    for sigma_max in (0.0, 0.3):
+        module, dm = tiny_module(synthetic_store)
+        module.optim = OptimConfig(lr=1e-3, ema_decay=0.9, sigma_max=sigma_max)
+        batch = next(iter(dm.train_dataloader()))
+        loss = module.policy.loss
+        module.policy.loss = lambda b, loss=loss, **kw: seen.append(kw["sigma"]) or loss(b, **kw)
+        module.training_step(batch, 0)
+    bc, csp = seen
+    assert torch.equal(bc, torch.zeros_like(bc))  # plain BC: the context is never noised in training
+    assert 0.0 < csp.max() <= 0.3 and csp.std() > 0  # U[0, sigma_max]
+    with pytest.raises(ValueError, match="optim.sigma_max"):
+        OptimConfig(sigma_max=1.5)
