@@ -15,10 +15,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from app.envs.batch import SubEnvBatch
 from app.envs.cube import ACTION_DIM, GOAL_DIM, PROPRIO_DIM, CubeConfig, CubePointCloudEnv
 
 
-class BatchedCube:
+class BatchedCube(SubEnvBatch):
     """N :class:`CubePointCloudEnv` (random cube and target per reset, per ``config.variation``).
 
     State arrays (one row per sub-env) hold each sub-env's latest values; rows a mask leaves out keep theirs.
@@ -56,17 +57,6 @@ class BatchedCube:
         """Re-seed the generator that draws every later reset's seed; None draws fresh entropy."""
         self._rng = np.random.default_rng(seed)
 
-    def _mask(self, mask: np.ndarray | None, what: str) -> np.ndarray:
-        if mask is None:
-            return np.ones(self.num_envs, bool)
-        mask = np.asarray(mask)
-        if mask.dtype != bool or mask.shape != (self.num_envs,):
-            raise ValueError(
-                f"BatchedCube.{what}: mask has dtype {mask.dtype} and shape {mask.shape}; "
-                f"expected bool of shape ({self.num_envs},)"
-            )
-        return mask
-
     def _write(self, k: int, obs: dict[str, np.ndarray]) -> None:
         self.observation[k], self.goal[k] = obs["state"], obs["goal"]
         self.cube[k] = self._envs[k].cube_position()
@@ -92,19 +82,7 @@ class BatchedCube:
 
         Returns copies of ``reward``, ``terminated``, ``truncated`` and ``success`` (N,).
         """
-        mask = self._mask(mask, "step")
-        actions = np.asarray(actions)
-        if actions.shape != (self.num_envs, self.action_dim):
-            raise ValueError(
-                f"BatchedCube.step: actions have shape {actions.shape}; expected ({self.num_envs}, "
-                f"{self.action_dim})"
-            )
-        idx = np.flatnonzero(mask)
-        bad = idx[~self._was_reset[idx] | self.terminated[idx] | self.truncated[idx]]
-        if len(bad):
-            raise RuntimeError(
-                f"BatchedCube.step: sub-envs {bad.tolist()} were never reset or are done; reset them first"
-            )
+        idx, actions = self._rows_to_step(actions, mask)
         actions = np.clip(actions, -1.0, 1.0)
         for k in idx:
             obs, _, _, _, info = self._envs[k].step(actions[k], pointcloud=False)

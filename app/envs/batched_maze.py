@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from app.envs.batch import SubEnvBatch
 from app.envs.maze import GOAL_INDICES, make_maze_env, resolve_maze, seeded_global_numpy
 
 NUM_TASKS = 5  # OGBench's evaluation tasks per maze
@@ -118,7 +119,7 @@ def maze_dims(env: str) -> tuple[int, int]:
     return dims
 
 
-class BatchedMaze:
+class BatchedMaze(SubEnvBatch):
     """N OGBench maze envs stepped together; start/goal from the TaskConfig with OGBench's own jitter.
 
     State arrays (one row per sub-env) hold each sub-env's latest values; ``step`` and ``reset`` update only
@@ -174,17 +175,6 @@ class BatchedMaze:
             # OGBench's reset takes a few random warm-up actions from the action space's own generator.
             env.action_space.seed(int(self._rng.integers(2**31)))
 
-    def _mask(self, mask: np.ndarray | None, what: str) -> np.ndarray:
-        if mask is None:
-            return np.ones(self.num_envs, bool)
-        mask = np.asarray(mask)
-        if mask.dtype != bool or mask.shape != (self.num_envs,):
-            raise ValueError(
-                f"BatchedMaze.{what}: mask has dtype {mask.dtype} and shape {mask.shape}; "
-                f"expected bool of shape ({self.num_envs},)"
-            )
-        return mask
-
     def reset(self, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Reset the sub-envs where ``mask`` (N,) is True (all if None).
 
@@ -219,19 +209,7 @@ class BatchedMaze:
         Raises:
             ValueError: bad shapes. RuntimeError: stepping a sub-env that was never reset or is done.
         """
-        mask = self._mask(mask, "step")
-        actions = np.asarray(actions)
-        if actions.shape != (self.num_envs, self.action_dim):
-            raise ValueError(
-                f"BatchedMaze.step: actions have shape {actions.shape}; expected ({self.num_envs}, "
-                f"{self.action_dim})"
-            )
-        idx = np.flatnonzero(mask)
-        bad = idx[~self._was_reset[idx] | self.terminated[idx] | self.truncated[idx]]
-        if len(bad):
-            raise RuntimeError(
-                f"BatchedMaze.step: sub-envs {bad.tolist()} were never reset or are done; reset them first"
-            )
+        idx, actions = self._rows_to_step(actions, mask)
         actions = np.clip(actions, self._low, self._high)
         if self._step_uses_global_rng:
             with seeded_global_numpy(self._rng):
