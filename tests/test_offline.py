@@ -117,7 +117,7 @@ def test_non_success_transitions_run_the_whole_chunk(chunks):
 
 def test_raw_decoder_reads_back_the_demo_actions(chunks, line_store):
     act = torch.from_numpy(line_store.load("action")).clamp(-1, 1)  # (N, 2)
-    decoded = RawDecoder(H, 2)(chunks["action"], chunks["observation"], chunks["goal"])  # (M, H, 2)
+    decoded = RawDecoder(H, 2)(chunks["action"], {})  # (M, H, 2): the raw decoder reads no observation
     starts = chunks["observation"][:, 3].long()  # (M,)
     expected = act[starts[:, None] + torch.arange(H)]  # (M, H, 2)
     assert torch.equal(decoded, expected)
