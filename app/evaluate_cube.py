@@ -208,7 +208,7 @@ def plot_success_at_k(results: dict[tuple[str, float], np.ndarray], path: str | 
         ax.set_title(f"{variation} ({states} states)")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("fraction of states solved")
-    fig.suptitle("CSP zero-shot on cube-single: Success@K")
+    fig.suptitle("zero-shot on cube-single: Success@K")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
