@@ -31,7 +31,7 @@ from app.envs.batched_cube import BatchedCube
 from app.envs.cube import CubeConfig
 from app.envs.torchrl_envs import env_dims, make_backend
 from app.finetune import FinetuneConfig, RunHooks, build_pipeline, run_loop
-from app.pretrain import ensure_demos
+from app.pretrain import ensure_demos, make_datamodule
 from app.schema import FitConfig
 from datamodules.state import StateDataModule
 from modules.csp import CSPModule
@@ -137,7 +137,7 @@ def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
     """Run the three measurements and print them; returns the figures."""
     L.seed_everything(cfg.seed)
     ensure_demos(cfg.data, cfg.demos)
-    dm = StateDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+    dm = make_datamodule(cfg)  # low-dim states or point clouds, as the config says
     dm.setup("fit")
     it = iter(dm.train_dataloader())
     batches = [next(it) for _ in range(steps + WARMUP)]

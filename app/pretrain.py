@@ -132,14 +132,18 @@ def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val:
     return trainer, ckpt
 
 
+def make_datamodule(cfg: FitConfig) -> StateDataModule | PointCloudDataModule:
+    """The data module of ``cfg.data``: point clouds for a point-cloud config, low-dim states otherwise."""
+    if isinstance(cfg.data, PointCloudDataConfig):
+        return PointCloudDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+    return StateDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+
+
 def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
     store = ensure_demos(cfg.data, cfg.demos)
-    if isinstance(cfg.data, PointCloudDataConfig):
-        dm = PointCloudDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
-    else:
-        dm = StateDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+    dm = make_datamodule(cfg)
     dm.setup("fit")  # a store that does not match the config is refused here, before any MLflow run
     policy = CSPPolicy(cfg.policy, obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
     policy.set_normalization(dm.stats)
