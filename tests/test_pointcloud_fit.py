@@ -107,3 +107,12 @@ def test_a_store_with_another_point_count_is_refused(fitted, capsys):
     err = capsys.readouterr().err
     assert str(tmp / "cube.zarr") in err and "num_points" in err and "32" in err and "16" in err
     assert len(MlflowClient(uri).search_runs(["1"])) == 1  # refused before a run was opened
+
+
+def test_bench_pretrain_reads_point_cloud_configs(fitted, capsys):
+    """Smoke test: the pre-training benchmark runs on the point-cloud data module (no timing asserted)."""
+    tmp, _, _, _ = fitted
+    args = ["bench", "pretrain", "--config", TINY, "--steps", "2", f"data.path={tmp / 'cube.zarr'}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "data loader" in out and "Lightning/bare" in out
