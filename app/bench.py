@@ -19,6 +19,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -104,9 +105,15 @@ def lightning_loop(module: CSPModule, batches: list[dict[str, torch.Tensor]], gr
     return (len(batches) - WARMUP) * len(batches[0][ACTION]) / (timer.end - timer.start)
 
 
+def endless(loader) -> Iterator:
+    """The loader's batches epoch after epoch: a small dataset must not run out mid-benchmark."""
+    while True:
+        yield from loader
+
+
 def loader_throughput(dm: StateDataModule, n_batches: int) -> float:
     """Samples/s the training DataLoader delivers (workers as configured)."""
-    it = iter(dm.train_dataloader())
+    it = endless(dm.train_dataloader())
     next(it)  # worker start-up is a one-off cost
     start = time.perf_counter()
     count = 0
@@ -139,7 +146,7 @@ def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
     ensure_demos(cfg.data, cfg.demos)
     dm = make_datamodule(cfg)  # low-dim states or point clouds, as the config says
     dm.setup("fit")
-    it = iter(dm.train_dataloader())
+    it = endless(dm.train_dataloader())
     batches = [next(it) for _ in range(steps + WARMUP)]
     policy = CSPPolicy(cfg.policy, obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
     policy.set_normalization(dm.stats)
