@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from app.envs.batched_cube import BatchedCube
 from app.envs.cube import CubeConfig
-from app.envs.torchrl_envs import env_dims, make_backend
+from app.envs.torchrl_envs import Backend, env_dims, make_backend
 from app.finetune import FinetuneConfig, RunHooks, build_pipeline, run_loop
 from app.pretrain import ensure_demos, make_datamodule
 from app.schema import FitConfig
@@ -199,12 +199,11 @@ def _unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
     return stats
 
 
-def env_steps_per_s(cfg: FinetuneConfig, steps: int, cube: CubeConfig | None = None) -> float:
+def env_steps_per_s(backend: Backend, steps: int) -> float:
     """The batched env alone (physics only: no clouds), random actions, auto-reset of finished sub-envs."""
-    backend = make_backend(cfg.task, cfg.collect.num_envs, cfg.seed, cube)
     backend.reset()
     rng = np.random.default_rng(0)
-    n, live, done = cfg.collect.num_envs, np.ones(cfg.collect.num_envs, bool), 0
+    n, live, done = backend.num_envs, np.ones(backend.num_envs, bool), 0
     start = time.perf_counter()
     while done < steps:
         out = backend.step(rng.uniform(-1, 1, (n, backend.action_dim)), live)
@@ -212,9 +211,7 @@ def env_steps_per_s(cfg: FinetuneConfig, steps: int, cube: CubeConfig | None = N
         finished = out["terminated"] | out["truncated"]
         if finished.any():
             backend.reset(finished)
-    rate = done / (time.perf_counter() - start)
-    backend.close()
-    return rate
+    return done / (time.perf_counter() - start)
 
 
 def clouds_per_s(backend: BatchedCube, count: int) -> float:
@@ -223,8 +220,7 @@ def clouds_per_s(backend: BatchedCube, count: int) -> float:
     rounds = max(1, count // backend.num_envs)
     start = time.perf_counter()
     for _ in range(rounds):
-        backend._stale[:] = True  # force a fresh render of every sub-env
-        backend.observe_clouds()
+        backend.observe_clouds(force=True)
     return rounds * backend.num_envs / (time.perf_counter() - start)
 
 
@@ -257,9 +253,12 @@ def bench_finetune(
     with tempfile.TemporaryDirectory() as tmp:
         p = build_pipeline(cfg, None if cfg.method == "sac" else base, Path(tmp), cube=cube)
         clouds = p.env.clouds
-        r_env = env_steps_per_s(cfg, min(env_steps, 2000), cube)
+        # the env alone on a batch of its own, so the pipeline's env stays as the collector left it
+        backend = make_backend(cfg.task, n, cfg.seed, cube)
+        r_env = env_steps_per_s(backend, min(env_steps, 2000))
+        r_cloud = clouds_per_s(backend, 4 * n) if clouds else float("inf")
+        backend.close()
         r_sample = sampling_env_steps_per_s(p.env, h, 50)
-        r_cloud = clouds_per_s(p.env.backend, 4 * n) if clouds else float("inf")
         start = time.perf_counter()
         counters = run_loop(cfg, p, RunHooks())
         r_loop = counters["env_steps"] / (time.perf_counter() - start)

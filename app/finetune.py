@@ -36,11 +36,11 @@ from app.evaluate import _pyplot
 from app.finetune_config import AgentConfig, CollectConfig, FinetuneConfig
 from datamodules.episodes import EpisodeStore
 from datamodules.offline import demo_chunks, mixed_sample
-from modules.nets.keys import ACTION, CONTEXT_FEATURE, GOAL, OBS
+from modules.nets.keys import ACTION
 from modules.nets.policy import CSPPolicy
 from modules.tmrl.actor import ChunkActor, HeadSpec
 from modules.tmrl.critic import CriticEnsemble
-from modules.tmrl.loss import TMRLLoss, make_optimizers, update
+from modules.tmrl.loss import STATE_KEYS, TMRLLoss, make_optimizers, update
 
 ENV_STEPS = "env_steps"
 PROGRESS_KEYS = ("eval/success_rate", "train/episode_success", "train/sigma_mean")
@@ -87,8 +87,8 @@ class ActorPolicy(torch.nn.Module):
 
 
 def state_keys(env: ChunkEnv) -> list[str]:
-    """What the agent sees, in the order the loss's ``state_of`` concatenates it."""
-    return [OBS, GOAL] + [CONTEXT_FEATURE] * (CONTEXT_FEATURE in env.observation_spec.keys())
+    """What the agent sees: the keys of ``STATE_KEYS`` the env gives, in the loss's ``state_of`` order."""
+    return [k for k in STATE_KEYS if k in env.observation_spec.keys()]
 
 
 def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLLoss:

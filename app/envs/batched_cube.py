@@ -95,10 +95,11 @@ class BatchedCube(SubEnvBatch):
         self.truncated[idx] = (self.step_count[idx] >= self.max_steps) & ~self.success[idx]
         return {k: getattr(self, k).copy() for k in ("reward", "terminated", "truncated", "success")}
 
-    def observe_clouds(self, mask: np.ndarray | None = None) -> np.ndarray:
-        """Render the stale clouds among the rows of ``mask`` (all if None); returns a copy of
-        ``pointcloud`` (N, P, 3) (rows outside the mask may be stale)."""
-        for k in np.flatnonzero(self._mask(mask, "observe_clouds") & self._stale):
+    def observe_clouds(self, mask: np.ndarray | None = None, force: bool = False) -> np.ndarray:
+        """Render the stale clouds among the rows of ``mask`` (all if None; ``force``: every row of it, stale
+        or not); returns a copy of ``pointcloud`` (N, P, 3) (rows outside the mask may be stale)."""
+        rows = self._mask(mask, "observe_clouds")
+        for k in np.flatnonzero(rows if force else rows & self._stale):
             self.pointcloud[k] = self._envs[k].pointcloud()
             self._stale[k] = False
         return self.pointcloud.copy()

@@ -30,6 +30,10 @@ TERMINATED = "terminated"  # (B, 1) bool, task success: the only thing that stop
 ENV_STEPS = "env_steps"  # (B, 1) int, real env steps this chunk ran (the discount exponent)
 
 
+# What the high-level agent sees, in the order it is concatenated; keys after OBS are optional.
+STATE_KEYS = (OBS, GOAL, CONTEXT_FEATURE)
+
+
 def state_of(
     td: TensorDictBase, obs_key: str = OBS, goal_key: str = GOAL, feature_key: str = CONTEXT_FEATURE
 ) -> Tensor:
