@@ -187,7 +187,7 @@ def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
     return figures
 
 
-def _unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
+def unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
     """Identity normalization: speed does not depend on the statistics."""
     d_o, d_g, d_a = policy.obs_dim, policy.goal_dim, policy.action_dim
     stats = {"observation_mean": np.zeros(d_o), "observation_std": np.ones(d_o)}
@@ -236,6 +236,18 @@ def sampling_env_steps_per_s(env, exec_horizon: int, calls: int) -> float:
     return calls * env.batch_size[0] * exec_horizon / (time.perf_counter() - start)
 
 
+def updates_per_s(p, batch_size: int, count: int = 50) -> float:
+    """SAC updates/s of the pipeline's agent on replay batches of ``batch_size`` (sampling included)."""
+    from modules.tmrl.loss import update
+
+    for _ in range(WARMUP):
+        update(p.loss, p.optimizers, p.sample(batch_size, 0.0))
+    start = time.perf_counter()
+    for _ in range(count):
+        update(p.loss, p.optimizers, p.sample(batch_size, 0.0))
+    return count / (time.perf_counter() - start)
+
+
 def bench_finetune(
     cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int, cube: CubeConfig | None = None
 ) -> dict[str, float]:
@@ -246,7 +258,7 @@ def bench_finetune(
     threads = torch.get_num_threads()  # the collector's shutdown may change it
     obs_dim, action_dim, goal_dim = env_dims(cfg.task)
     base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=goal_dim)
-    base.set_normalization(_unit_stats(base))
+    base.set_normalization(unit_stats(base))
     cfg = dataclasses.replace(cfg, env_steps=env_steps, progress_bar=False)
     cfg.eval.every_env_steps = 0
     n, h = cfg.collect.num_envs, cfg.chunk.exec_horizon
@@ -263,6 +275,7 @@ def bench_finetune(
         counters = run_loop(cfg, p, RunHooks())
         r_loop = counters["env_steps"] / (time.perf_counter() - start)
         p.collector.shutdown()
+        r_update = updates_per_s(p, cfg.agent.batch_size) if len(p.buffer) else float("nan")
     # an env step needs its physics, 1/H of a chunk sample and, on the cube, 1/H of a cloud
     floor = 1.0 / (1.0 / r_env + 1.0 / r_sample + 1.0 / (r_cloud * h))
     print(
@@ -273,6 +286,7 @@ def bench_finetune(
     )
     print(f"  environment alone      {r_env:9.0f} env steps/s   (physics)")
     figures = {"env": r_env, "sampling": r_sample, "floor": floor, "loop": r_loop, "share": r_loop / floor}
+    figures["updates_per_s"] = r_update
     if clouds:
         # seconds making clouds per env step over seconds per env step of the whole loop
         figures |= {"clouds_per_s": r_cloud, "cloud_share_of_step": r_loop / (r_cloud * h)}
@@ -283,6 +297,13 @@ def bench_finetune(
     print(f"  chunk sampling alone   {r_sample:9.0f} env steps/s   (batch {n})")
     print(f"  floor (all)            {floor:9.0f} env steps/s")
     print(f"  full loop              {r_loop:9.0f} env steps/s   = {r_loop / floor:.0%} of the floor")
+    a = cfg.agent
+    chunks_per_step = 1.0 / h  # high-level transitions per env step (fewer where episodes end mid-chunk)
+    need = a.utd_ratio * chunks_per_step * r_loop  # updates/s the loop's collection rate asks for
+    print(
+        f"  SAC updates            {r_update:9.0f} updates/s     ({a.num_critics} critics x {a.critic_layers} x "
+        f"{a.hidden}, batch {a.batch_size}); UTD {a.utd_ratio:g} per chunk = {need:.0f} updates/s at the loop's rate"
+    )
     if clouds:
         print(f"  point clouds' share of a fine-tuning env step: {figures['cloud_share_of_step']:.0%}")
     return figures

@@ -31,7 +31,7 @@ from app import tracking
 from app.config import flatten, to_yaml
 from app.envs.batched_maze import TaskConfig
 from app.envs.cube import CubeConfig
-from app.envs.torchrl_envs import ChunkEnv, env_dims, make_chunk_env
+from app.envs.torchrl_envs import ChunkEnv, env_dims, make_chunk_env, make_zero_shot_env
 from app.evaluate import _pyplot
 from app.finetune_config import AgentConfig, CollectConfig, FinetuneConfig
 from datamodules.episodes import EpisodeStore
@@ -43,7 +43,7 @@ from modules.tmrl.critic import CriticEnsemble
 from modules.tmrl.loss import STATE_KEYS, TMRLLoss, make_optimizers, update
 
 ENV_STEPS = "env_steps"
-PROGRESS_KEYS = ("eval/success_rate", "train/episode_success", "train/sigma_mean")
+PROGRESS_KEYS = ("eval/success_rate", "eval/base_success_rate", "train/episode_success", "train/sigma_mean")
 
 
 def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
@@ -65,11 +65,25 @@ def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
         )
 
 
-def head_specs(decoder) -> list[HeadSpec]:
+def head_specs(decoder, cfg: AgentConfig | None = None) -> list[HeadSpec]:
     """The high-level action layout: one tanh-Gaussian head per part of the decoder's flat action
-    (the raw-action decoder of "sac" is one head)."""
+    (the raw-action decoder of "sac" is one head), with ``cfg``'s entropy targets and the sigma head's
+    initial distribution (median ``cfg.sigma_init``, in sigma units through the decoder's sigma_max)."""
+    cfg = cfg or AgentConfig()
     sizes = getattr(decoder, "sizes", {"action": decoder.action_dim})
-    return [HeadSpec(name, dim) for name, dim in sizes.items()]
+    heads = []
+    for name, dim in sizes.items():
+        if name == "sigma":
+            u = 2.0 * cfg.sigma_init / decoder.sigma_max - 1.0  # sigma = sigma_max * (tanh(loc) + 1) / 2
+            if not -1.0 < u < 1.0:
+                raise ValueError(
+                    f"agent.sigma_init={cfg.sigma_init} must lie inside (0, chunk.sigma_max="
+                    f"{decoder.sigma_max})"
+                )
+            heads.append(HeadSpec(name, dim, cfg.target_entropy_sigma, math.atanh(u), cfg.sigma_init_std))
+        else:
+            heads.append(HeadSpec(name, dim, cfg.target_entropy_per_dim * dim))
+    return heads
 
 
 class ActorPolicy(torch.nn.Module):
@@ -126,7 +140,8 @@ def make_collector(
     kw = dict(
         frames_per_batch=cfg.num_envs * cfg.chunks_per_batch,  # per worker
         total_frames=-1,
-        init_random_frames=cfg.warmup_chunks if warmup else 0,
+        # "actor": the warm-up chunks come from the initial actor itself (no updates until warmup_chunks)
+        init_random_frames=cfg.warmup_chunks if warmup and cfg.warmup_actions == "uniform" else 0,
         auto_register_policy_transforms=False,  # the actor is stateless: no InitTracker needed
     )
     if cfg.workers == 0:
@@ -147,10 +162,25 @@ def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> Repla
     return ReplayBuffer(storage=storage, batch_size=batch_size)
 
 
-@torch.no_grad()
-def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int, traces: list | None = None) -> float:
-    """Success rate of the deterministic agent over the eval env's sub-envs (one fixed episode each).
+def dummy_action(td: TensorDict) -> TensorDict:
+    """The policy of a zero-shot env (its decoder ignores the action)."""
+    return td.set(ACTION, torch.zeros(td.batch_size[0], 1))
 
+
+@torch.no_grad()
+def evaluate(
+    env,
+    policy: Callable[[TensorDict], TensorDict],
+    max_chunks: int,
+    seed: int,
+    traces: list | None = None,
+    deterministic: bool = False,
+) -> float:
+    """Success rate of the agent over the eval env's sub-envs (one fixed episode each).
+
+    The episodes (starts, goals) AND the agent's sampling noise are seeded from ``seed``, so every
+    evaluation of a run, and of every run with the same eval settings, sees the same draws; torch's global
+    generator is restored afterwards. ``deterministic``: act with tanh(mean) instead of sampling.
     With ``traces`` (a list), appends per chunk (env step of each sub-env (N,), sigma chosen (N,), live (N,)),
     the data of the sigma-over-an-episode plot."""
     env.set_seed(seed)
@@ -158,7 +188,9 @@ def evaluate(env, policy: TensorDictModule, max_chunks: int, seed: int, traces: 
     done = torch.zeros(env.batch_size[0], dtype=torch.bool)
     success = torch.zeros_like(done)
     t = torch.zeros(env.batch_size[0], dtype=torch.long)
-    with set_exploration_type(ExplorationType.DETERMINISTIC):
+    mode = ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM
+    with torch.random.fork_rng(devices=[]), set_exploration_type(mode):
+        torch.manual_seed(seed)
         for _ in range(max_chunks):
             # finished sub-envs are reset (their later episodes are ignored) so the batch steps on
             td, td_next = env.step_and_maybe_reset(policy(td))
@@ -277,6 +309,7 @@ class Pipeline:
     collector: Collector | MultiAsyncCollector
     buffer: ReplayBuffer
     offline: TensorDict | None = None  # demonstration chunks mixed into every replay batch (rlpd)
+    base_env: ChunkEnv | None = None  # the base policy alone on the eval episodes (methods with a base)
 
     def sample(self, batch_size: int, offline_fraction: float) -> TensorDict:
         if self.offline is None:
@@ -298,13 +331,18 @@ def build_pipeline(
     c = cfg.chunk
     env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon, cube=cube)
     env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
-    env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps)
+    env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps, z_bound=c.z_bound, eps_map=c.eps_map)
     env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
     worker_env = functools.partial(_worker_env, num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
     eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
+    base_env = None
+    if base is not None and cfg.eval.every_env_steps > 0:
+        base_env = make_zero_shot_env(
+            cfg.task, cfg.eval.episodes, base, c.exec_horizon, cfg.eval.seed, cube, c.sample_steps
+        )
     keys = state_keys(env)
     state_dim = sum(env.observation_spec[k].shape[-1] for k in keys)
-    loss = make_agent(state_dim, head_specs(env.decoder), cfg.agent)
+    loss = make_agent(state_dim, head_specs(env.decoder, cfg.agent), cfg.agent)
     policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=keys, out_keys=[ACTION])
     return Pipeline(
         env=env,
@@ -317,6 +355,7 @@ def build_pipeline(
         offline=None
         if demos is None
         else demo_chunks(demos, env.backend.goal_xy, env.backend.goal_tol, cfg.chunk.exec_horizon),
+        base_env=base_env,
     )
 
 
@@ -336,8 +375,18 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
     counters = {"env_steps": 0, "chunks": 0, "updates": 0, "successes": 0} | dict(start or {})
     done = counters["env_steps"]
     every_eval, every_ckpt = max(cfg.eval.every_env_steps, 1), cfg.checkpoint_every_env_steps
-    next_eval = 0 if not done else (done // every_eval + 1) * every_eval
+    next_eval = (done // every_eval + 1) * every_eval
     next_ckpt, owed, shown = (done // every_ckpt + 1) * every_ckpt, 0.0, {}
+    evaluate_agent = functools.partial(
+        evaluate, p.eval_env, p.policy, max_chunks, cfg.eval.seed, deterministic=cfg.eval.deterministic
+    )
+    if cfg.eval.every_env_steps > 0 and not done:
+        # env step 0: the untrained agent beside the base alone, on the same fixed episodes
+        first = {"eval/success_rate": evaluate_agent()}
+        if p.base_env is not None:
+            first["eval/base_success_rate"] = evaluate(p.base_env, dummy_action, max_chunks, cfg.eval.seed)
+        hooks.log(first, 0)
+        shown = {k.split("/")[-1]: f"{v:.2f}" for k, v in first.items()}
     bar = tqdm(total=cfg.env_steps, initial=done, unit="step", desc=f"finetune {cfg.method}",
                disable=not cfg.progress_bar)  # fmt: skip
     for batch in p.collector:
@@ -361,7 +410,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
                 metrics.update({f"train/{k}": float(v) for k, v in out.items()})
             p.collector.update_policy_weights_()
         if cfg.eval.every_env_steps > 0 and counters["env_steps"] >= next_eval:
-            metrics["eval/success_rate"] = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed)
+            metrics["eval/success_rate"] = evaluate_agent()
             next_eval += cfg.eval.every_env_steps
         hooks.log(metrics, counters["env_steps"])
         shown |= {k.split("/")[-1]: f"{v:.2f}" for k, v in metrics.items() if k in PROGRESS_KEYS}
@@ -375,7 +424,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
     bar.close()
     if cfg.eval.every_env_steps > 0:
         traces: list = []
-        final = evaluate(p.eval_env, p.policy, max_chunks, cfg.eval.seed, traces)
+        final = evaluate_agent(traces=traces)
         hooks.log({"eval/success_rate": final}, counters["env_steps"])
         if "sigma" in getattr(p.env.decoder, "sizes", {}):
             hooks.plot("sigma_trace.png", lambda path: plot_sigma_traces(traces, cfg.method, path))

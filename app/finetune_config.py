@@ -20,9 +20,15 @@ class ChunkConfig:
     sample_steps: int = 10  # K Euler steps of the base policy
     sigma_max: float = 1.0  # tmrl: sigma = sigma_max * (u + 1) / 2
     fixed_sigma: float = 0.5  # fixed_sigma method (dsrl always uses 0)
-    eps_bound: float = 2.0  # eps_c in [-eps_bound, eps_bound]^d_c
-    z_mode: str = "repeat"  # "repeat": one d_a vector over the chunk; "full": L x d_a
-    z_map: str = "erfinv"  # "erfinv": uniform code -> N(0, 1) noise; "linear": 3 * u
+    # "full": z is the whole L x d_a noise (the base's own noise space); "repeat": one d_a vector repeated
+    # over the chunk (the reference's; off the noise distribution the base was trained on)
+    z_mode: str = "full"
+    # "atanh": z = atanh(u), so the actor's initial N(0, 1) pre-tanh distribution IS the base's N(0, I)
+    # noise; "erfinv": a uniform u -> N(0, 1); "linear": 3 * u
+    z_map: str = "atanh"
+    z_bound: float = 4.0  # |z| clip of the atanh map
+    eps_map: str = "atanh"  # eps_c (or its code) = atanh(u) ("atanh") or eps_bound * u ("linear")
+    eps_bound: float = 4.0  # |eps_c| <= eps_bound (the clip of "atanh", the scale of "linear")
 
 
 @dataclass
@@ -31,9 +37,16 @@ class AgentConfig:
 
     hidden: int = 256
     actor_layers: int = 2
-    # pre-tanh std of the actor at the start (None: the usual SAC start, std 0.22, which keeps z near 0,
-    # a noise the base policy never saw); 1.0 spreads the first actions like the warm-up's uniform ones
+    # pre-tanh std of the z and eps_c heads at the start (None: the usual SAC start, std 0.22, which keeps
+    # z near 0, a noise the base policy never saw); 1.0 with chunk.z_map=atanh starts at the base's noise
     init_std: float | None = 1.0
+    # the sigma head's start: median sigma and pre-tanh std (near 0: the agent starts as the base at
+    # sigma = 0 and explores upward as its temperature asks)
+    sigma_init: float = 0.02
+    sigma_init_std: float = 0.3
+    # SAC entropy targets: per dimension for z and eps_c (target = value * dim), and for the sigma head
+    target_entropy_per_dim: float = -1.0
+    target_entropy_sigma: float = -1.0
     critic_layers: int = 3
     num_critics: int = 5
     gamma: float = 0.99  # per ENVIRONMENT step; a chunk of n steps discounts by gamma ** n
@@ -55,7 +68,10 @@ class CollectConfig:
     # processes (MultiAsyncCollector), each with num_envs sub-envs, collecting WHILE the agent updates
     # (the workers act with weights at most one batch old)
     workers: int = 0
-    warmup_chunks: int = 500  # uniform random high-level actions before the agent acts
+    warmup_chunks: int = 500  # chunks collected before the first update
+    # what acts during the warm-up: "actor", the initial actor (for base-policy methods: the base's own
+    # noise at sigma near 0); "uniform": uniform random high-level actions (TorchRL's init_random_frames)
+    warmup_actions: str = "actor"
     buffer_size: int = 1_000_000
     memmap: bool = False  # LazyMemmapStorage (on disk) instead of LazyTensorStorage (memory)
 
@@ -63,15 +79,21 @@ class CollectConfig:
         for key, low in (("num_envs", 1), ("chunks_per_batch", 1), ("workers", 0), ("warmup_chunks", 0)):
             if getattr(self, key) < low:
                 raise ValueError(f"collect.{key} must be >= {low}, got {getattr(self, key)}")
+        if self.warmup_actions not in ("actor", "uniform"):
+            raise ValueError(f"collect.warmup_actions={self.warmup_actions!r}; expected 'actor' or 'uniform'")
 
 
 @dataclass
 class FinetuneEvalConfig:
-    """Periodic evaluation on a fixed, seeded set of episodes (deterministic agent)."""
+    """Periodic evaluation on a fixed, seeded set of episodes (starts, goals and the agent's sampling
+    noise all seeded), at env step 0 and every ``every_env_steps``."""
 
     every_env_steps: int = 10_000  # 0 disables evaluation (benchmarks)
-    episodes: int = 10
+    episodes: int = 20
     seed: int = 12345
+    # False: the agent SAMPLES its actions (the TMRL reference's evaluation). True: tanh(mean), which for
+    # a fresh agent decodes to z = 0, a noise the base never saw (it succeeds 0% from there)
+    deterministic: bool = False
 
 
 @dataclass

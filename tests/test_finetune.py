@@ -228,3 +228,71 @@ def test_evaluation_handles_episodes_that_end_at_different_times(pretrained):
     first = evaluate(env, actor, max_chunks=11, seed=3)
     assert 0.0 < first <= 1.0
     assert evaluate(env, actor, max_chunks=11, seed=3) == first  # a fixed, seeded set of episodes
+
+
+def _random_walk_pipeline(tmp_path, overrides: list[str]):
+    """An untrained tiny policy (adaLN-Zero: its chunk IS its clipped action noise z, a random walk) on a
+    start-in-the-goal-cell task: a walk with N(0, I) noise reaches the goal far more often than z = 0,
+    which stands still and succeeds only where the start already lies inside the goal radius."""
+    from app.bench import unit_stats
+    from app.finetune import build_pipeline
+
+    policy = CSPPolicy(PolicyConfig(chunk_len=4, width=32, depth=1, heads=2), obs_dim=2, action_dim=2, goal_dim=2)
+    policy.set_normalization(unit_stats(policy))
+    task = ["task.task_id=null", "task.init_ij=[1,1]", "task.goal_ij=[1,1]", "task.max_steps=40"]
+    cfg = load_config(FinetuneConfig, TINY_FT, [*task, "eval.episodes=128", *overrides])
+    return cfg, build_pipeline(cfg, policy, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["tmrl", "dsrl", "fixed_sigma"])
+def test_the_agent_starts_at_its_base_policys_zero_shot_success(tmp_path, method):
+    """Do no harm: at env step 0 the agent's evaluation equals the base alone (sigma = 0, fresh N(0, I)
+    noise) on the same fixed episodes, within sampling noise; the deterministic agent (z = 0) does not."""
+    from app.finetune import dummy_action, evaluate
+
+    cfg, p = _random_walk_pipeline(tmp_path, [f"method={method}", "chunk.fixed_sigma=0.0"])
+    chunks = 11
+    base = evaluate(p.base_env, dummy_action, chunks, cfg.eval.seed)
+    agent = evaluate(p.eval_env, p.policy, chunks, cfg.eval.seed)
+    still = evaluate(p.eval_env, p.policy, chunks, cfg.eval.seed, deterministic=True)
+    p.collector.shutdown()
+    assert base - still > 0.2  # the episodes tell a good noise from z = 0
+    assert abs(agent - base) <= 0.1  # 2 standard errors of the difference at 128 episodes
+    assert agent - still > 0.2
+
+
+def test_the_evaluated_agent_hands_out_the_base_policys_noise(tmp_path):
+    """With eval.deterministic off (default), the decoded z of the evaluation is N(0, 1) noise over the
+    whole chunk (not an all-zero or repeated vector), sigma is near 0; the deterministic option gives 0."""
+    from app.finetune import evaluate
+
+    cfg, p = _random_walk_pipeline(tmp_path, [])
+    seen = []
+
+    def recording(td):
+        td = p.policy(td)
+        seen.append(p.eval_env.decoder.split(td[ACTION]))
+        return td
+
+    evaluate(p.eval_env, recording, 3, cfg.eval.seed)
+    z = torch.cat([s["z"] for s in seen])  # (chunks * N, L, d_a)
+    sigma = torch.cat([s["sigma"] for s in seen])
+    assert z.mean().abs() < 0.05 and (z.std() - 1.0).abs() < 0.05
+    assert (z[:, 1:] - z[:, :1]).abs().mean() > 0.5  # not one vector repeated over the chunk
+    assert sigma.median() < 0.05 and sigma.max() < 0.3
+    seen.clear()
+    evaluate(p.eval_env, recording, 1, cfg.eval.seed, deterministic=True)
+    assert torch.equal(seen[0]["z"], torch.zeros_like(seen[0]["z"]))
+    p.collector.shutdown()
+
+
+def test_step_zero_is_evaluated_and_logged_beside_the_base(tmp_path):
+    """The loop logs eval/success_rate and eval/base_success_rate at env step 0, before any update."""
+    from app.finetune import RunHooks, run_loop
+
+    cfg, p = _random_walk_pipeline(tmp_path, ["env_steps=40", "eval.episodes=8"])
+    logged = []
+    run_loop(cfg, p, RunHooks(log=lambda metrics, step: logged.append((step, dict(metrics)))))
+    p.collector.shutdown()
+    step, first = logged[0]
+    assert step == 0 and {"eval/success_rate", "eval/base_success_rate"} <= set(first)

@@ -162,6 +162,8 @@ def test_actor_and_alpha_losses_match_hand_computation(known_loss):
 def make_real_loss(**kwargs) -> TMRLLoss:
     torch.manual_seed(0)
     actor = ChunkActor(STATE_DIM, HEADS, hidden=16)
+    with torch.no_grad():  # as after some training: the output layer's weights start at zero
+        actor.out.weight.normal_(0.0, 0.1)
     critic = CriticEnsemble(STATE_DIM, ACT_DIM, num_critics=2, hidden=16, sigma_index=2, sigma_features=4)
     return TMRLLoss(actor, critic, HEADS, **kwargs)
 
@@ -300,3 +302,17 @@ def test_init_std_sets_the_starting_spread_of_every_head():
         assert (pre_tanh - loc).std().item() == pytest.approx(std, rel=0.05)
     with pytest.raises(ValueError, match="init_std=100"):
         ChunkActor(STATE_DIM, HEADS, hidden=16, init_std=100.0)
+
+
+def test_a_fresh_actor_has_the_same_per_head_distribution_in_every_state():
+    """Zero output weights: loc and std are the biases alone; a head's init_loc / init_std win."""
+    heads = [HeadSpec("z", 3), HeadSpec("sigma", 1, init_loc=-2.0, init_std=0.3)]
+    actor = ChunkActor(STATE_DIM, heads, hidden=16, init_std=1.0)
+    state = torch.randn(20000, STATE_DIM) * 5.0
+    pre_tanh = torch.atanh(actor(state)[0].double().clamp(-1 + 1e-12, 1 - 1e-12))
+    torch.testing.assert_close(pre_tanh.mean(0), torch.tensor([0.0, 0.0, 0.0, -2.0], dtype=torch.double),
+                               atol=0.03, rtol=0)  # fmt: skip
+    torch.testing.assert_close(pre_tanh.std(0), torch.tensor([1.0, 1.0, 1.0, 0.3], dtype=torch.double),
+                               atol=0.03, rtol=0)  # fmt: skip
+    det, _ = actor(state, deterministic=True)
+    torch.testing.assert_close(det, torch.tanh(torch.tensor([0.0, 0, 0, -2.0])).expand(20000, 4))

@@ -35,8 +35,16 @@ from modules.nets.policy import CSPPolicy
 
 HEADS = ("z", "sigma", "eps_c")  # the parts of the high-level action a layout may hold
 Z_MODES = ("repeat", "full")
-Z_MAPS = ("erfinv", "linear")
+Z_MAPS = ("atanh", "erfinv", "linear")
+EPS_MAPS = ("atanh", "linear")
 _ERFINV_CLIP = 1.0 - 1e-6  # erfinv(+-1) is infinite; the clip caps |z| at about 4.9
+
+
+def _atanh(u: Tensor, bound: float) -> Tensor:
+    """atanh(u) clipped to [-bound, bound]: the pre-tanh value of a squashed-Gaussian action, so an actor
+    whose pre-tanh distribution is N(0, 1) hands out exactly N(0, 1) noise (up to the clip)."""
+    edge = math.tanh(bound)
+    return torch.atanh(u.clamp(-edge, edge))
 
 
 class ChunkDecoder(Protocol):
@@ -88,12 +96,17 @@ class BasePolicyDecoder:
             defaults: sigma = ``fixed_sigma``, eps_c = zeros.
         sigma_max: sigma = sigma_max * (u + 1) / 2, so u in [-1, 1] spans [0, sigma_max].
         fixed_sigma: the context-noise level when "sigma" is not a head.
-        eps_bound: eps_c = eps_bound * u, in [-eps_bound, eps_bound]^d_c. A policy with a context code map
-            (``context_code_dim`` d > 0, needed for point clouds) takes the code instead: the eps_c head has
-            d outputs and eps_c = ``policy.context_noise_from_code(eps_bound * u)``.
-        z_mode: "repeat": d_z = d_a, one vector repeated over the chunk; "full": d_z = L * d_a.
-        z_map: "erfinv": z = sqrt(2) erfinv(u), so a uniform u gives exactly N(0, 1) noise (the policy was
-            trained on Gaussian noise); "linear": z = 3 u.
+        eps_bound: bound of eps_c (or of its code): |eps_c| <= eps_bound.
+        eps_map: "atanh": eps_c = atanh(u) clipped to the bound, so an actor head with a N(0, 1) pre-tanh
+            distribution gives exactly the N(0, I) context noise of pre-training; "linear": eps_c =
+            eps_bound * u. A policy with a context code map (``context_code_dim`` d > 0, needed for point
+            clouds) takes the code instead: the eps_c head has d outputs and eps_c =
+            ``policy.context_noise_from_code(code)``.
+        z_mode: "repeat": d_z = d_a, one vector repeated over the chunk; "full": d_z = L * d_a (with a
+            N(0, 1) actor and "atanh", exactly the noise the base policy was trained on).
+        z_map: "atanh": z = atanh(u), clipped to +-z_bound (see eps_map); "erfinv": z = sqrt(2) erfinv(u),
+            so a UNIFORM u gives N(0, 1) noise; "linear": z = 3 u.
+        z_bound: the clip of the "atanh" map.
         steps: Euler steps per chunk; None = the policy's ``cfg.sample_steps``.
     """
 
@@ -107,6 +120,8 @@ class BasePolicyDecoder:
         z_mode: str = "repeat",
         z_map: str = "erfinv",
         steps: int | None = None,
+        z_bound: float = 4.0,
+        eps_map: str = "linear",
     ) -> None:
         heads = list(heads)
         if "z" not in heads or len(set(heads)) != len(heads) or not set(heads) <= set(HEADS):
@@ -117,6 +132,8 @@ class BasePolicyDecoder:
             ("eps_bound", eps_bound, eps_bound > 0, "> 0"),
             ("z_mode", z_mode, z_mode in Z_MODES, f"one of {list(Z_MODES)}"),
             ("z_map", z_map, z_map in Z_MAPS, f"one of {list(Z_MAPS)}"),
+            ("z_bound", z_bound, z_bound > 0, "> 0"),
+            ("eps_map", eps_map, eps_map in EPS_MAPS, f"one of {list(EPS_MAPS)}"),
             ("steps", steps, steps is None or (isinstance(steps, int) and steps >= 1), "None or >= 1"),
         ):
             if not ok:
@@ -131,6 +148,7 @@ class BasePolicyDecoder:
         self.policy = policy.eval().requires_grad_(False)  # frozen: only sampled, never trained
         self.heads, self.sigma_max, self.fixed_sigma = heads, sigma_max, fixed_sigma
         self.eps_bound, self.z_mode, self.z_map, self.steps = eps_bound, z_mode, z_map, steps
+        self.z_bound, self.eps_map = z_bound, eps_map
         self.chunk_len, self.env_action_dim = policy.cfg.chunk_len, policy.action_dim
         self.feature_dim = policy.cfg.width if cloud else 0  # CONTEXT_FEATURE size; 0: none
         d_z = policy.action_dim * (policy.cfg.chunk_len if z_mode == "full" else 1)
@@ -147,7 +165,9 @@ class BasePolicyDecoder:
         parts = dict(zip(self.heads, chunks, strict=True))
         n, length, d_a = action.shape[0], self.chunk_len, self.env_action_dim
         u = parts["z"]  # (N, d_z)
-        if self.z_map == "erfinv":
+        if self.z_map == "atanh":
+            z = _atanh(u, self.z_bound)
+        elif self.z_map == "erfinv":
             z = math.sqrt(2.0) * torch.erfinv(u.clamp(-_ERFINV_CLIP, _ERFINV_CLIP))
         else:
             z = 3.0 * u
@@ -157,7 +177,8 @@ class BasePolicyDecoder:
         else:
             sigma = action.new_full((n,), self.fixed_sigma)
         if "eps_c" in parts:
-            eps_c = self.eps_bound * parts["eps_c"]  # (N, d_c)
+            u = parts["eps_c"]
+            eps_c = _atanh(u, self.eps_bound) if self.eps_map == "atanh" else self.eps_bound * u  # (N, d_c)
         else:
             eps_c = action.new_zeros((n, self.policy.context_dim))  # no head: the clean context
         return {"z": z, "sigma": sigma, "eps_c": eps_c}
@@ -210,6 +231,37 @@ class RawDecoder:
         """(N, H * d_a) -> (N, H, d_a), action-major (the first d_a values are the first action)."""
         _check_action(action, self.action_dim, "RawDecoder")
         return action.reshape(action.shape[0], self.chunk_len, self.env_action_dim)
+
+
+class ZeroShotDecoder:
+    """The base policy alone at sigma = 0 with fresh N(0, I) action noise (BC zero-shot, METHOD.md
+    section 2): the reference a fine-tuning agent must not start below. Its one-number action is ignored.
+
+    Args:
+        policy: the pre-trained policy (frozen).
+        steps: Euler steps per chunk; None = the policy's ``cfg.sample_steps``.
+    """
+
+    action_dim = 1
+
+    def __init__(self, policy: CSPPolicy, steps: int | None = None) -> None:
+        self.policy = policy.eval().requires_grad_(False)
+        self.chunk_len, self.env_action_dim, self.steps = policy.cfg.chunk_len, policy.action_dim, steps
+        self._inputs = BasePolicyDecoder(policy, ["z"], steps=steps)
+
+    @torch.no_grad()
+    def __call__(self, action: Tensor, obs: Mapping[str, Tensor]) -> Tensor:
+        """Chunk (N, L, d_a): z and eps_c drawn from torch's global generator (seed it for a fixed set)."""
+        _check_action(action, 1, "ZeroShotDecoder")
+        chunk = self.policy.sample(self._inputs._batch(obs), 0.0, steps=self.steps)
+        return chunk.to(action.device, torch.float32)
+
+    def features(self, obs: Mapping[str, Tensor]) -> Tensor:
+        return self._inputs.features(obs)
+
+    @property
+    def feature_dim(self) -> int:
+        return self._inputs.feature_dim
 
 
 def _set_specs(
@@ -429,3 +481,17 @@ def make_chunk_env(
             raise ValueError(f"decoder_kw may not set 'heads': method {method!r} fixes {layout['heads']}")
         decoder = BasePolicyDecoder(policy, **{**decoder_kw, **layout})
     return ChunkEnv(task, num_envs, decoder, exec_horizon, seed, cube)
+
+
+def make_zero_shot_env(
+    task: TaskConfig,
+    num_envs: int,
+    policy: CSPPolicy,
+    exec_horizon: int,
+    seed: int = 0,
+    cube: CubeConfig | None = None,
+    steps: int | None = None,
+) -> ChunkEnv:
+    """ChunkEnv that runs the base policy alone (``ZeroShotDecoder``): with the eval env's seed it rolls
+    out the same fixed episodes, so its success is the base's zero-shot success on them."""
+    return ChunkEnv(task, num_envs, ZeroShotDecoder(policy, steps), exec_horizon, seed, cube)

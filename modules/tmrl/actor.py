@@ -25,11 +25,15 @@ class HeadSpec:
         name: used in diagnostics (``alpha_<name>``, ``entropy_<name>``) and by ``split_heads``.
         dim: number of action dimensions of this head.
         target_entropy: SAC entropy target of this head's temperature; None means ``-dim``.
+        init_loc: pre-tanh mean of this head's dims at initialization (0: the middle of [-1, 1]).
+        init_std: pre-tanh std of this head's dims at initialization; None: the actor's ``init_std``.
     """
 
     name: str
     dim: int
     target_entropy: float | None = None
+    init_loc: float = 0.0
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -84,9 +88,13 @@ class ChunkActor(nn.Module):
         log_std_min, log_std_max: range the pre-tanh log-std is smoothly squashed into.
         init_std: pre-tanh std of every dimension at initialization (set through the output bias), or
             None for the usual SAC start (raw output ~0: std = exp of the middle of the range, 0.22 for
-            [-5, 2]). For TMRL the usual start is a poor one: tanh(N(0, 0.22)) keeps z near 0, a noise the
-            base policy never saw (its success drops to ~0), and sigma near sigma_max / 2; init_std = 1
-            spreads the first actions over most of [-1, 1], like the warm-up's uniform ones.
+            [-5, 2]). A head's own ``HeadSpec.init_std`` / ``init_loc`` win. For TMRL the usual start is a
+            poor one: tanh(N(0, 0.22)) keeps z near 0, a noise the base policy never saw (its success drops
+            to ~0). With init_std = 1 and init_loc = 0, atanh of the action is exactly N(0, 1): the noise
+            the base policy was trained on (``z_map="atanh"`` in the chunk decoder).
+
+    The output layer's weights start at zero, so the initial distribution is the same in every state
+    (only the biases set it): what the agent does before it has learned anything is fully specified.
     """
 
     def __init__(
@@ -116,22 +124,28 @@ class ChunkActor(nn.Module):
         for h, sl in enumerate(head_slices(heads).values()):
             head_of_dim[sl, h] = 1.0
         self.register_buffer("head_of_dim", head_of_dim, persistent=False)
-        if init_std is not None:
-            self._init_log_std(init_std)
+        with torch.no_grad():
+            self.out.weight.zero_()  # the initial distribution is the biases' alone, in every state
+            self.out.bias.zero_()
+            for head, sl in zip(self.heads, head_slices(self.heads).values(), strict=True):
+                self.out.bias[sl] = head.init_loc
+                std = init_std if head.init_std is None else head.init_std
+                if std is not None:
+                    self.out.bias[self.action_dim + sl.start : self.action_dim + sl.stop] = self._raw_log_std(
+                        std, head.name
+                    )
 
-    def _init_log_std(self, std: float) -> None:
-        """Set the raw log-std bias so that ``_squash_log_std`` gives log(std) for a zero trunk output."""
+    def _raw_log_std(self, std: float, name: str) -> float:
+        """The raw log-std output for which ``_squash_log_std`` gives log(std)."""
         log_std = math.log(std) if std > 0 else -math.inf
         if not self.log_std_min < log_std < self.log_std_max:
             raise ValueError(
-                f"init_std={std} is outside the actor's std range "
+                f"init_std={std} (head {name!r}) is outside the actor's std range "
                 f"(exp({self.log_std_min}), exp({self.log_std_max})) = "
                 f"({math.exp(self.log_std_min):.3g}, {math.exp(self.log_std_max):.3g})"
             )
         half_range = 0.5 * (self.log_std_max - self.log_std_min)
-        raw = math.atanh((log_std - self.log_std_min) / half_range - 1.0)
-        with torch.no_grad():
-            self.out.bias[self.action_dim :].fill_(raw)
+        return math.atanh((log_std - self.log_std_min) / half_range - 1.0)
 
     def _squash_log_std(self, raw: Tensor) -> Tensor:
         # tanh keeps the gradient alive at the bounds, unlike a hard clamp
