@@ -301,8 +301,9 @@ def bench_finetune(
     chunks_per_step = 1.0 / h  # high-level transitions per env step (fewer where episodes end mid-chunk)
     need = a.utd_ratio * chunks_per_step * r_loop  # updates/s the loop's collection rate asks for
     print(
-        f"  SAC updates            {r_update:9.0f} updates/s     ({a.num_critics} critics x {a.critic_layers} x "
-        f"{a.hidden}, batch {a.batch_size}); UTD {a.utd_ratio:g} per chunk = {need:.0f} updates/s at the loop's rate"
+        f"  SAC updates            {r_update:9.0f} updates/s     ({a.num_critics} critics x "
+        f"{a.critic_layers} x {a.hidden}, batch {a.batch_size}); UTD {a.utd_ratio:g} per chunk = "
+        f"{need:.0f} updates/s at the loop's rate"
     )
     if clouds:
         print(f"  point clouds' share of a fine-tuning env step: {figures['cloud_share_of_step']:.0%}")

@@ -65,11 +65,22 @@ def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
         )
 
 
+def regularizer(cfg: AgentConfig, decoder) -> str:
+    """The actor's regularizer: ``cfg.regularizer``, with "auto" = "prior" for base-policy decoders."""
+    if cfg.regularizer != "auto":
+        return cfg.regularizer
+    return "prior" if hasattr(decoder, "sizes") else "entropy"
+
+
 def head_specs(decoder, cfg: AgentConfig | None = None) -> list[HeadSpec]:
     """The high-level action layout: one tanh-Gaussian head per part of the decoder's flat action
-    (the raw-action decoder of "sac" is one head), with ``cfg``'s entropy targets and the sigma head's
-    initial distribution (median ``cfg.sigma_init``, in sigma units through the decoder's sigma_max)."""
+    (the raw-action decoder of "sac" is one head), with ``cfg``'s entropy targets (or minus its KL budgets,
+    for the "prior" regularizer) and the sigma head's initial distribution (median ``cfg.sigma_init``, in
+    sigma units through the decoder's sigma_max)."""
     cfg = cfg or AgentConfig()
+    kl = regularizer(cfg, decoder) == "prior"
+    per_dim = -cfg.target_kl_per_dim if kl else cfg.target_entropy_per_dim
+    sigma_target = -cfg.target_kl_sigma if kl else cfg.target_entropy_sigma
     sizes = getattr(decoder, "sizes", {"action": decoder.action_dim})
     heads = []
     for name, dim in sizes.items():
@@ -80,9 +91,9 @@ def head_specs(decoder, cfg: AgentConfig | None = None) -> list[HeadSpec]:
                     f"agent.sigma_init={cfg.sigma_init} must lie inside (0, chunk.sigma_max="
                     f"{decoder.sigma_max})"
                 )
-            heads.append(HeadSpec(name, dim, cfg.target_entropy_sigma, math.atanh(u), cfg.sigma_init_std))
+            heads.append(HeadSpec(name, dim, sigma_target, math.atanh(u), cfg.sigma_init_std))
         else:
-            heads.append(HeadSpec(name, dim, cfg.target_entropy_per_dim * dim))
+            heads.append(HeadSpec(name, dim, per_dim * dim))
     return heads
 
 
@@ -105,10 +116,20 @@ def state_keys(env: ChunkEnv) -> list[str]:
     return [k for k in STATE_KEYS if k in env.observation_spec.keys()]
 
 
-def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLLoss:
+def make_agent(
+    state_dim: int, heads: list[HeadSpec], cfg: AgentConfig, regularizer: str = "entropy"
+) -> TMRLLoss:
+    """The actor, the critic ensemble and their SAC loss; ``regularizer``: see ``ChunkActor``."""
     names = [h.name for h in heads]
     sigma_index = sum(h.dim for h in heads[: names.index("sigma")]) if "sigma" in names else None
-    actor = ChunkActor(state_dim, heads, hidden=cfg.hidden, layers=cfg.actor_layers, init_std=cfg.init_std)
+    actor = ChunkActor(
+        state_dim,
+        heads,
+        hidden=cfg.hidden,
+        layers=cfg.actor_layers,
+        init_std=cfg.init_std,
+        regularizer=regularizer,
+    )
     critic = CriticEnsemble(
         state_dim,
         sum(h.dim for h in heads),
@@ -125,6 +146,7 @@ def make_agent(state_dim: int, heads: list[HeadSpec], cfg: AgentConfig) -> TMRLL
         init_alpha=cfg.init_alpha,
         entropy_in_target=cfg.entropy_in_target,
         tau=cfg.tau,
+        autotune_alpha=cfg.autotune_alpha,
     )
 
 
@@ -342,7 +364,9 @@ def build_pipeline(
         )
     keys = state_keys(env)
     state_dim = sum(env.observation_spec[k].shape[-1] for k in keys)
-    loss = make_agent(state_dim, head_specs(env.decoder, cfg.agent), cfg.agent)
+    loss = make_agent(
+        state_dim, head_specs(env.decoder, cfg.agent), cfg.agent, regularizer(cfg.agent, env.decoder)
+    )
     policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=keys, out_keys=[ACTION])
     return Pipeline(
         env=env,

@@ -44,9 +44,18 @@ class AgentConfig:
     # sigma = 0 and explores upward as its temperature asks)
     sigma_init: float = 0.02
     sigma_init_std: float = 0.3
-    # SAC entropy targets: per dimension for z and eps_c (target = value * dim), and for the sigma head
+    # what each head's temperature weighs. "entropy" (SAC): the actor is pulled towards maximum entropy,
+    # for the sigma head sigma_max / 2, where the base fails. "prior": KL to the actor's initial
+    # distribution (the base's noise at sigma near 0): with no advantage in sight the agent stays the base.
+    # "auto": prior for the methods with a base policy, entropy for sac / rlpd.
+    regularizer: str = "auto"
+    autotune_alpha: bool = True  # False: every temperature stays at init_alpha
+    # entropy targets (regularizer=entropy): per dimension for z and eps_c (target = value * dim), sigma head
     target_entropy_per_dim: float = -1.0
     target_entropy_sigma: float = -1.0
+    # KL budgets (regularizer=prior): per dimension for z and eps_c, and for the sigma head
+    target_kl_per_dim: float = 0.05
+    target_kl_sigma: float = 0.5
     critic_layers: int = 3
     num_critics: int = 5
     gamma: float = 0.99  # per ENVIRONMENT step; a chunk of n steps discounts by gamma ** n
@@ -56,6 +65,12 @@ class AgentConfig:
     entropy_in_target: bool = True
     batch_size: int = 256
     utd_ratio: float = 1.0  # gradient updates per collected high-level transition (chunk)
+
+    def __post_init__(self) -> None:
+        if self.regularizer not in ("auto", "entropy", "prior"):
+            raise ValueError(f"agent.regularizer={self.regularizer!r}; expected 'auto', 'entropy' or 'prior'")
+        if not self.target_kl_per_dim >= 0 or not self.target_kl_sigma >= 0:
+            raise ValueError("agent.target_kl_per_dim and agent.target_kl_sigma must be >= 0")
 
 
 @dataclass

@@ -237,7 +237,9 @@ def _random_walk_pipeline(tmp_path, overrides: list[str]):
     from app.bench import unit_stats
     from app.finetune import build_pipeline
 
-    policy = CSPPolicy(PolicyConfig(chunk_len=4, width=32, depth=1, heads=2), obs_dim=2, action_dim=2, goal_dim=2)
+    policy = CSPPolicy(
+        PolicyConfig(chunk_len=4, width=32, depth=1, heads=2), obs_dim=2, action_dim=2, goal_dim=2
+    )
     policy.set_normalization(unit_stats(policy))
     task = ["task.task_id=null", "task.init_ij=[1,1]", "task.goal_ij=[1,1]", "task.max_steps=40"]
     cfg = load_config(FinetuneConfig, TINY_FT, [*task, "eval.episodes=128", *overrides])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+REGULARIZERS = ("entropy", "prior")  # what each head's temperature weighs: -entropy, or KL to the start
 _LOG2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -93,6 +94,12 @@ class ChunkActor(nn.Module):
             to ~0). With init_std = 1 and init_loc = 0, atanh of the action is exactly N(0, 1): the noise
             the base policy was trained on (``z_map="atanh"`` in the chunk decoder).
 
+        regularizer: "entropy" (SAC): each head's temperature weighs its log-density, so the actor is pulled
+            towards the maximum-entropy distribution (for a sigma head: sigma_max / 2, whatever the base
+            does there). "prior": it weighs the log-ratio to the initial distribution p0 instead, so where
+            the critic has no preference the actor stays at p0 (for TMRL: the base's own N(0, I) noise at
+            sigma near 0) and moves only as far as the critic's advantage pays for the KL.
+
     The output layer's weights start at zero, so the initial distribution is the same in every state
     (only the biases set it): what the agent does before it has learned anything is fully specified.
     """
@@ -106,8 +113,12 @@ class ChunkActor(nn.Module):
         log_std_min: float = -5.0,
         log_std_max: float = 2.0,
         init_std: float | None = None,
+        regularizer: str = "entropy",
     ) -> None:
         super().__init__()
+        if regularizer not in REGULARIZERS:
+            raise ValueError(f"ChunkActor regularizer={regularizer!r}; expected one of {list(REGULARIZERS)}")
+        self.regularizer = regularizer
         if not heads:
             raise ValueError("ChunkActor needs at least one head")
         if layers < 1:
@@ -134,6 +145,10 @@ class ChunkActor(nn.Module):
                     self.out.bias[self.action_dim + sl.start : self.action_dim + sl.stop] = self._raw_log_std(
                         std, head.name
                     )
+        # the initial distribution, kept as the prior of regularizer="prior" (it travels in checkpoints)
+        loc0, raw0 = self.out.bias.detach().clone().chunk(2)
+        self.register_buffer("prior_loc", loc0)  # (D,)
+        self.register_buffer("prior_log_std", self._squash_log_std(raw0))  # (D,)
 
     def _raw_log_std(self, std: float, name: str) -> float:
         """The raw log-std output for which ``_squash_log_std`` gives log(std)."""
@@ -161,7 +176,10 @@ class ChunkActor(nn.Module):
 
         Returns:
             action (B, D) in [-1, 1], log_probs (B, n_heads): each head's log-density of its part
-            of the squashed action (tanh correction included, summed over the head's dims).
+            of the squashed action (tanh correction included, summed over the head's dims). With
+            ``regularizer="prior"`` the log-RATIO log pi(a|s) - log p0(a) to the initial distribution p0
+            instead (the tanh corrections cancel): a one-sample estimate of KL(pi || p0), which SAC's
+            machinery then keeps small, in place of keeping the entropy large.
         """
         loc, raw_log_std = self.out(self.trunk(state)).chunk(2, dim=-1)  # (B, D) each
         if deterministic:
@@ -170,5 +188,9 @@ class ChunkActor(nn.Module):
         noise = torch.randn_like(loc)
         u = loc + log_std.exp() * noise  # (B, D) pre-tanh sample, differentiable in loc/std
         # Normal log-density written with the noise itself: (u - loc) / std == noise exactly
-        per_dim = -0.5 * noise.pow(2) - log_std - _HALF_LOG_2PI - tanh_log_det(u)  # (B, D)
+        if self.regularizer == "prior":
+            prior = ((u - self.prior_loc) / self.prior_log_std.exp()).pow(2)
+            per_dim = 0.5 * (prior - noise.pow(2)) + self.prior_log_std - log_std  # (B, D)
+        else:
+            per_dim = -0.5 * noise.pow(2) - log_std - _HALF_LOG_2PI - tanh_log_det(u)  # (B, D)
         return torch.tanh(u), per_dim @ self.head_of_dim  # (B, D), (B, n_heads)

@@ -59,6 +59,11 @@ class TMRLLoss(LossModule):
         default_steps: discount exponent (H_exec) used when the batch has no ``("next", "env_steps")``;
             None makes that a KeyError, so a missing key never silently means one step.
         tau: Polyak rate of the target update that ``update`` applies after each gradient step.
+        autotune_alpha: False keeps every temperature at ``init_alpha`` (the alpha loss is zero).
+
+    With an actor whose ``regularizer`` is "prior" the log-probs are log-ratios to the actor's initial
+    distribution, so every "entropy" term below is a KL to that prior (a head's ``target_entropy`` is then
+    minus its KL budget) and the diagnostics report ``kl_<head>``.
     """
 
     @dataclass
@@ -89,6 +94,7 @@ class TMRLLoss(LossModule):
         min_subset: int | None = None,
         default_steps: int | None = None,
         tau: float = 0.005,
+        autotune_alpha: bool = True,
     ) -> None:
         super().__init__()
         if [(h.name, h.dim) for h in heads] != [(h.name, h.dim) for h in actor.heads]:
@@ -108,6 +114,7 @@ class TMRLLoss(LossModule):
         self.entropy_in_target = entropy_in_target
         self.min_subset = min_subset
         self.default_steps = default_steps
+        self.autotune_alpha = autotune_alpha
         self.log_alpha = torch.nn.Parameter(torch.full((len(heads),), float(init_alpha)).log())  # (H,)
         self.register_buffer("target_entropy", torch.tensor([h.entropy_target for h in heads]))  # (H,)
         self.target_updater = SoftUpdate(self, tau=tau)
@@ -187,15 +194,18 @@ class TMRLLoss(LossModule):
         return loss, logp
 
     def alpha_loss(self, logp: Tensor) -> Tensor:
-        """Temperature loss: sum over heads of mean_b(-log_alpha_h * (logp_h + target_h)), logp detached."""
-        return (-self.log_alpha * (logp.detach() + self.target_entropy).mean(0)).sum()
+        """Temperature loss: sum over heads of mean_b(-log_alpha_h * (logp_h + target_h)), logp detached
+        (zero, with no gradient to log_alpha, when ``autotune_alpha`` is off)."""
+        gap = (logp.detach() + self.target_entropy).mean(0)  # (H,)
+        return (-self.log_alpha * gap).sum() * float(self.autotune_alpha)
 
     def _diagnostics(self, logp: Tensor) -> dict[str, Tensor]:
-        alpha, entropy = self.alpha, -logp.detach().mean(0)
+        alpha, mean = self.alpha, logp.detach().mean(0)
+        kl = self.actor.regularizer == "prior"
         out = {}
         for i, head in enumerate(self.heads):
             out[f"alpha_{head.name}"] = alpha[i]
-            out[f"entropy_{head.name}"] = entropy[i]
+            out[f"kl_{head.name}" if kl else f"entropy_{head.name}"] = mean[i] if kl else -mean[i]
         return out
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
