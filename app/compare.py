@@ -2,9 +2,10 @@
 
 Groups the child runs by method, plots each seed's ``eval/success_rate`` and cumulative training successes
 (``train/successes``: how often exploration reached the goal) against real environment steps with the
-per-method mean, prints the final figures per method, and logs the plot on the parent run (so the comparison
-sits next to the policy it fine-tuned). ``filter`` narrows the children with an MLflow search filter, e.g.
-``"params.env_steps = '100000'"``.
+per-method mean and its 95% bootstrap interval over seeds (and the base policy's zero-shot success on the
+same evaluation episodes, dashed), prints the final figures per method, and logs the plot on the parent
+run (so the comparison sits next to the policy it fine-tuned). ``filter`` narrows the children with an
+MLflow search filter, e.g. ``"params.env_steps = '100000'"``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,25 @@ from app.evaluate import _pyplot
 from app.tracking import PRETRAIN_TAG
 
 METRIC = "eval/success_rate"
+BASE = "eval/base_success_rate"
 EXPLORATION = "train/successes"
+
+
+def bootstrap_interval(
+    values: np.ndarray, level: float = 0.95, draws: int = 2000, seed: int = 0
+) -> np.ndarray:
+    """Percentile bootstrap interval of the mean over seeds: values (seeds, T) -> (2, T) low, high."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, values.shape[0], size=(draws, values.shape[0]))  # resampled seeds
+    means = values[picks].mean(axis=1)  # (draws, T)
+    tail = 100 * (1 - level) / 2
+    return np.percentile(means, [tail, 100 - tail], axis=0)
+
+
+def on_grid(runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The union of the runs' env steps and each run interpolated on it: (T,), (seeds, T)."""
+    grid = np.unique(np.concatenate([r[:, 0] for r in runs]))
+    return grid, np.stack([np.interp(grid, r[:, 0], r[:, 1]) for r in runs])
 
 
 def _group(run, by: Sequence[str]) -> str:
@@ -47,26 +66,35 @@ def child_curves(
 
 
 def _panel(ax, curves: dict[str, list[np.ndarray]], colors, ylabel: str) -> None:
-    """Thin line per seed, thick line for the mean on a common grid of env steps."""
+    """Thin line per seed, thick line for the mean on a common grid of env steps, its 95% bootstrap band."""
     for method, runs in sorted(curves.items()):
-        grid = np.unique(np.concatenate([r[:, 0] for r in runs]))
-        values = np.stack([np.interp(grid, r[:, 0], r[:, 1]) for r in runs])
+        grid, values = on_grid(runs)
         for r in runs:
-            ax.plot(r[:, 0], r[:, 1], color=colors[method], lw=0.7, alpha=0.35)
+            ax.plot(r[:, 0], r[:, 1], color=colors[method], lw=0.6, alpha=0.25)
+        if len(runs) > 1:
+            low, high = bootstrap_interval(values)
+            ax.fill_between(grid, low, high, color=colors[method], alpha=0.18, lw=0)
         ax.plot(grid, values.mean(0), color=colors[method], lw=2.2, label=f"{method} ({len(runs)} seeds)")
     ax.set_xlabel("environment steps")
     ax.set_ylabel(ylabel)
 
 
 def plot_curves(
-    curves: dict[str, list[np.ndarray]], title: str, path: Path, explored: dict | None = None
+    curves: dict[str, list[np.ndarray]],
+    title: str,
+    path: Path,
+    explored: dict | None = None,
+    base: float | None = None,
 ) -> Path:
-    """Evaluation success per method; beside it, when given, cumulative training successes."""
+    """Evaluation success per method (band: 95% bootstrap interval of the mean over seeds; dashed: the base
+    policy alone on the same episodes, ``base``); beside it, when given, cumulative training successes."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2 if explored else 1, figsize=(12 if explored else 7, 4), squeeze=False)
     cmap = plt.get_cmap("tab10")
     colors = {m: cmap(i) for i, m in enumerate(sorted(set(curves) | set(explored or {})))}
     _panel(axes[0, 0], curves, colors, "success rate (fixed eval episodes)")
+    if base is not None:
+        axes[0, 0].axhline(base, color="0.3", ls="--", lw=1.2, label=f"base policy alone ({base:.0%})")
     axes[0, 0].set_ylim(-0.02, 1.02)
     axes[0, 0].legend(fontsize=8)
     axes[0, 0].set_title(title)
@@ -89,19 +117,25 @@ def compare(
         where = f" matching {filter!r}" if filter else ""
         raise ValueError(f"run {parent!r} has no fine-tuning runs{where} with {METRIC} in {uri}")
     explored = child_curves(client, parent, EXPLORATION, filter, by)
+    bases = [r[0, 1] for runs in child_curves(client, parent, BASE, filter, by).values() for r in runs]
     summary = {}
     for method, runs in sorted(curves.items()):
         finals = np.array([r[-1, 1] for r in runs])
+        low, high = bootstrap_interval(finals[:, None])[:, 0]
         summary[method] = (float(finals.mean()), float(finals.std()), len(runs))
         steps = int(min(r[-1, 0] for r in runs))
         found = [int(r[-1, 1]) for r in explored.get(method, [])]
         print(
             f"[tmrl] {method:12s} final success {finals.mean():6.1%} +- {finals.std():5.1%} "
-            f"({len(runs)} seeds, >= {steps} env steps); training successes per seed {found}"
+            f"(95% bootstrap interval {low:.0%}-{high:.0%}; {len(runs)} seeds, >= {steps} env steps); "
+            f"training successes per seed {found}"
         )
+    base = float(np.mean(bases)) if bases else None
+    if base is not None:
+        print(f"[tmrl] base policy alone on the same evaluation episodes: {base:.1%} ({len(bases)} runs)")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "finetune_comparison.png"
-        plot = plot_curves(curves, f"fine-tuning from {parent[:8]}", path, explored)
+        plot = plot_curves(curves, f"fine-tuning from {parent[:8]}", path, explored, base)
         client.log_artifact(parent, str(plot), "plots")
     print(f"[tmrl] logged plots/finetune_comparison.png on run {parent}")
     return summary

@@ -298,3 +298,15 @@ def test_step_zero_is_evaluated_and_logged_beside_the_base(tmp_path):
     p.collector.shutdown()
     step, first = logged[0]
     assert step == 0 and {"eval/success_rate", "eval/base_success_rate"} <= set(first)
+
+
+def test_bootstrap_interval_of_the_mean():
+    import numpy as np
+
+    from app.compare import bootstrap_interval
+
+    same = bootstrap_interval(np.full((5, 3), 0.4))
+    assert np.allclose(same, 0.4)  # no spread over seeds: the interval is the point
+    values = np.array([[0.0], [1.0], [0.0], [1.0], [1.0]])
+    low, high = bootstrap_interval(values)[:, 0]
+    assert 0.0 <= low < 0.6 < high <= 1.0 and high - low > 0.4

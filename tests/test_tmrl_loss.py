@@ -316,3 +316,32 @@ def test_a_fresh_actor_has_the_same_per_head_distribution_in_every_state():
                                atol=0.03, rtol=0)  # fmt: skip
     det, _ = actor(state, deterministic=True)
     torch.testing.assert_close(det, torch.tanh(torch.tensor([0.0, 0, 0, -2.0])).expand(20000, 4))
+
+
+def test_the_prior_regularizer_is_a_kl_to_the_initial_distribution():
+    """regularizer="prior": the per-head log-prob is log pi - log p0 (p0 = the initial distribution), whose
+    mean is the closed-form KL of the two pre-tanh Gaussians; zero (in expectation and per sample) at init."""
+    heads = [HeadSpec("z", 3), HeadSpec("sigma", 1, init_loc=-2.0, init_std=0.3)]
+    actor = ChunkActor(STATE_DIM, heads, hidden=16, init_std=1.0, regularizer="prior")
+    state = torch.randn(50000, STATE_DIM)
+    _, ratio = actor(state)
+    torch.testing.assert_close(ratio, torch.zeros_like(ratio), atol=1e-5, rtol=0)  # pi == p0 at init
+    with torch.no_grad():  # move the actor: loc + 0.5 and std x 0.5 on every dim
+        actor.out.bias[:4] += 0.5
+        actor.out.bias[4:] = torch.tensor([actor._raw_log_std(0.5, "z")] * 3 + [actor._raw_log_std(0.15, "s")])
+    _, ratio = actor(state)
+    loc0, s0 = torch.tensor([0.0, 0.0, 0.0, -2.0]), torch.tensor([1.0, 1.0, 1.0, 0.3])
+    loc, s = loc0 + 0.5, s0 * 0.5
+    kl = torch.log(s0 / s) + (s**2 + (loc - loc0) ** 2) / (2 * s0**2) - 0.5  # per dim
+    torch.testing.assert_close(ratio.mean(0), torch.stack([kl[:3].sum(), kl[3]]), atol=0.03, rtol=0.01)
+    with pytest.raises(ValueError, match="regularizer='kl'"):
+        ChunkActor(STATE_DIM, heads, hidden=16, regularizer="kl")
+
+
+def test_autotune_off_keeps_the_temperatures():
+    loss = make_real_loss(autotune_alpha=False, init_alpha=0.05)
+    optimizers = make_optimizers(loss, lr=1e-1)
+    before = loss.log_alpha.detach().clone()
+    for _ in range(3):
+        update(loss, optimizers, make_batch())
+    torch.testing.assert_close(loss.log_alpha.detach(), before)
