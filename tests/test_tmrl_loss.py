@@ -328,7 +328,8 @@ def test_the_prior_regularizer_is_a_kl_to_the_initial_distribution():
     torch.testing.assert_close(ratio, torch.zeros_like(ratio), atol=1e-5, rtol=0)  # pi == p0 at init
     with torch.no_grad():  # move the actor: loc + 0.5 and std x 0.5 on every dim
         actor.out.bias[:4] += 0.5
-        actor.out.bias[4:] = torch.tensor([actor._raw_log_std(0.5, "z")] * 3 + [actor._raw_log_std(0.15, "s")])
+        raw = [actor._raw_log_std(0.5, "z")] * 3 + [actor._raw_log_std(0.15, "sigma")]
+        actor.out.bias[4:] = torch.tensor(raw)
     _, ratio = actor(state)
     loc0, s0 = torch.tensor([0.0, 0.0, 0.0, -2.0]), torch.tensor([1.0, 1.0, 1.0, 0.3])
     loc, s = loc0 + 0.5, s0 * 0.5
