@@ -248,6 +248,30 @@ def plot_sigma_traces(traces: list, method: str, path: Path) -> Path:
     return path
 
 
+SIGMA_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def plot_sigma_over_finetuning(history: list[tuple[int, list[float]]], method: str, path: Path) -> Path:
+    """The distribution of the sigma the agent chose while collecting (median, 25-75% and 10-90% bands)
+    against the env steps of fine-tuning: the paper expects it to fall as the task is learned."""
+    plt = _pyplot()
+    steps = np.array([s for s, _ in history])
+    q = np.array([v for _, v in history])  # (batches, len(SIGMA_QUANTILES))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.fill_between(steps, q[:, 0], q[:, 4], alpha=0.2, lw=0, color="C0", label="10-90%")
+    ax.fill_between(steps, q[:, 1], q[:, 3], alpha=0.35, lw=0, color="C0", label="25-75%")
+    ax.plot(steps, q[:, 2], color="C0", lw=1.5, label="median")
+    ax.set_xlabel("environment steps of fine-tuning")
+    ax.set_ylabel("sigma chosen (training chunks)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"{method}: context-noise level chosen over fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def batch_stats(batch: TensorDict, decoder) -> dict[str, float]:
     """Training-side metrics of one collected batch: finished episodes' success, sigma chosen."""
     out: dict[str, float] = {}
@@ -258,6 +282,11 @@ def batch_stats(batch: TensorDict, decoder) -> dict[str, float]:
     if "sigma" in parts:
         out["train/sigma_mean"] = float(parts["sigma"].mean())
         out["train/sigma_std"] = float(parts["sigma"].std()) if parts["sigma"].numel() > 1 else 0.0
+        quantiles = torch.quantile(parts["sigma"].float(), torch.tensor(SIGMA_QUANTILES))
+        out |= {
+            f"train/sigma_p{round(100 * q)}": float(v)
+            for q, v in zip(SIGMA_QUANTILES, quantiles, strict=True)
+        }
     return out
 
 
@@ -411,6 +440,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
             first["eval/base_success_rate"] = evaluate(p.base_env, dummy_action, max_chunks, cfg.eval.seed)
         hooks.log(first, 0)
         shown = {k.split("/")[-1]: f"{v:.2f}" for k, v in first.items()}
+    sigma_history: list[tuple[int, list[float]]] = []
     bar = tqdm(total=cfg.env_steps, initial=done, unit="step", desc=f"finetune {cfg.method}",
                disable=not cfg.progress_bar)  # fmt: skip
     for batch in p.collector:
@@ -420,6 +450,10 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         counters["env_steps"] += steps
         counters["chunks"] += flat.numel()
         metrics = batch_stats(flat, p.env.decoder)
+        if "train/sigma_p50" in metrics:
+            sigma_history.append(
+                (counters["env_steps"], [metrics[f"train/sigma_p{round(100 * q)}"] for q in SIGMA_QUANTILES])
+            )
         # exploration at a glance: how many training episodes have reached the goal so far
         counters["successes"] += int((flat["next", "done"] & flat["next", "success"]).sum())
         metrics["train/successes"] = float(counters["successes"])
@@ -452,6 +486,11 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         hooks.log({"eval/success_rate": final}, counters["env_steps"])
         if "sigma" in getattr(p.env.decoder, "sizes", {}):
             hooks.plot("sigma_trace.png", lambda path: plot_sigma_traces(traces, cfg.method, path))
+    if len(sigma_history) > 1:
+        hooks.plot(
+            "sigma_over_finetuning.png",
+            lambda path: plot_sigma_over_finetuning(sigma_history, cfg.method, path),
+        )
         print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
     hooks.checkpoint("agent_final.pt", counters)
     return counters

@@ -70,6 +70,7 @@ def test_finetune_runs_nested_under_its_pretraining_run(store, tmp_path, capsys,
     assert {"checkpoints/agent_final.pt", "checkpoints/agent_last.pt"} <= files
     plots = {f.path for f in MlflowClient(uri).list_artifacts(run_id, "plots")}
     assert ("plots/sigma_trace.png" in plots) == (method == "tmrl")
+    assert ("plots/sigma_over_finetuning.png" in plots) == (method == "tmrl")
     ckpt = torch.load(tmp_path / run_id / "checkpoints" / "agent_final.pt", weights_only=True)
     assert set(ckpt) == {"loss", "optimizers", "counters"} and ckpt["counters"]["env_steps"] >= 400
     assert set(ckpt["optimizers"]) == {"actor", "critic", "alpha"}
