@@ -65,6 +65,29 @@ def child_curves(
     return dict(curves)
 
 
+def success_table(curves: dict[str, list[np.ndarray]], width: int = 5000) -> str:
+    """Mean success per method at each evaluation (env steps rounded to ``width``: the runs' evaluations land
+    a few steps apart), with the 95% bootstrap interval over seeds."""
+    rows: dict[int, dict[str, str]] = defaultdict(dict)
+    for method, runs in sorted(curves.items()):
+        # each run at its own evaluation steps, binned (the last value of a run in a bin counts once)
+        binned: dict[int, list[float]] = defaultdict(list)
+        for r in runs:
+            per_bin = {int(round(step / width) * width): value for step, value in r}
+            for step, value in per_bin.items():
+                binned[step].append(value)
+        for step, vals in binned.items():
+            v = np.asarray(vals)[:, None]
+            low, high = bootstrap_interval(v)[:, 0]
+            rows[step][method] = f"{v.mean():4.0%} [{low:.0%}, {high:.0%}]"
+    methods = sorted(curves)
+    lines = ["[tmrl] eval success per method (mean [95% bootstrap interval]) by env steps:"]
+    lines.append(f"{'env steps':>10} " + " ".join(f"{m:>18s}" for m in methods))
+    for step in sorted(rows):
+        lines.append(f"{step:>10d} " + " ".join(f"{rows[step].get(m, '-'):>18s}" for m in methods))
+    return "\n".join(lines)
+
+
 def _panel(ax, curves: dict[str, list[np.ndarray]], colors, ylabel: str) -> None:
     """Thin line per seed, thick line for the mean on a common grid of env steps, its 95% bootstrap band."""
     for method, runs in sorted(curves.items()):
@@ -130,6 +153,7 @@ def compare(
             f"(95% bootstrap interval {low:.0%}-{high:.0%}; {len(runs)} seeds, >= {steps} env steps); "
             f"training successes per seed {found}"
         )
+    print(success_table(curves))
     base = float(np.mean(bases)) if bases else None
     if base is not None:
         print(f"[tmrl] base policy alone on the same evaluation episodes: {base:.1%} ({len(bases)} runs)")

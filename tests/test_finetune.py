@@ -187,6 +187,7 @@ def test_compare_plots_every_method_on_the_parent(store, tmp_path, capsys):
     assert main(["compare", "--parent", parent]) == 0
     out = capsys.readouterr().out
     assert "tmrl" in out and "dsrl" in out and "final success" in out and "training successes" in out
+    assert "eval success per method" in out and "bootstrap interval" in out
     assert main(["compare", "--parent", parent, "--filter", "tags.`tmrl.method` = 'dsrl'"]) == 0
     out = capsys.readouterr().out
     assert "dsrl" in out and "tmrl " not in out
