@@ -3,6 +3,7 @@
     tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
     tmrl fit --config configs/csp_state.yaml --print-config
     tmrl finetune --from-run <run_id> method=dsrl env_steps=50000 seed=1
+    tmrl finetune --from-run <run_id> --config configs/tmrl_pointmaze_a.yaml --zero-shot 0,0.25
     tmrl compare --parent <run_id>
     tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
     tmrl eval --from-run <point-cloud run_id> eval.states=20 eval.rollouts=8 eval.variations=[heldout]
@@ -64,6 +65,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
+        return
+    if args.zero_shot is not None:
+        from app.finetune import zero_shot_on_target
+
+        try:
+            sigmas = [float(v) for v in args.zero_shot.split(",")]
+        except ValueError:
+            sigmas = []
+        if not sigmas or any(not 0.0 <= s <= 1.0 for s in sigmas):
+            raise ValueError(f"--zero-shot {args.zero_shot!r}: expected comma-separated sigmas in [0, 1]")
+        zero_shot_on_target(cfg, args.from_run, sigmas)
         return
     run_id = finetune(cfg, args.from_run)
     print(f"[tmrl] nested under pre-training run {args.from_run}; compare runs with `tmrl ui`")
@@ -222,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="TMRL (or a baseline) fine-tuning of a pre-training run's policy")
     p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")
     _add_config_args(p, default="configs/tmrl_pointmaze.yaml")
+    p.add_argument(
+        "--zero-shot", nargs="?", const="0", default=None, metavar="SIGMAS",
+        help="only evaluate the base policy alone on the target's evaluation episodes at these sigmas "
+        "(comma-separated, default 0) and exit; creates no run",
+    )  # fmt: skip
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("compare", help="plot the fine-tuning runs of one pre-training run, by method")

@@ -496,6 +496,29 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
     return counters
 
 
+def zero_shot_on_target(cfg: FinetuneConfig, from_run: str, sigmas: list[float]) -> dict[float, float]:
+    """The base policy of ``from_run`` alone on the fine-tuning target's fixed evaluation episodes
+    (``cfg.eval``: episodes, seed; ``cfg.chunk``: H_exec, Euler steps), per sigma: what fine-tuning starts
+    from, measured exactly as ``eval/base_success_rate``. Creates no MLflow run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_base_policy(cfg, from_run, tmp)
+    max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
+    out = {}
+    for sigma in sigmas:
+        env = make_zero_shot_env(
+            cfg.task, cfg.eval.episodes, base.policy, cfg.chunk.exec_horizon, cfg.eval.seed, base.cube,
+            cfg.chunk.sample_steps, sigma,
+        )  # fmt: skip
+        out[sigma] = evaluate(env, dummy_action, max_chunks, cfg.eval.seed)
+        print(
+            f"[tmrl] zero-shot on the target, sigma={sigma:g}: success {out[sigma]:.1%} "
+            f"({cfg.eval.episodes} episodes)"
+        )
+    return out
+
+
 def check_resume(client, cfg: FinetuneConfig, from_run: str) -> None:
     """Refuse a ``resume`` id that is not a fine-tuning run of ``from_run`` with the same method."""
     from mlflow.exceptions import MlflowException

@@ -312,3 +312,14 @@ def test_bootstrap_interval_of_the_mean():
     values = np.array([[0.0], [1.0], [0.0], [1.0], [1.0]])
     low, high = bootstrap_interval(values)[:, 0]
     assert 0.0 <= low < 0.6 < high <= 1.0 and high - low > 0.4
+
+
+def test_zero_shot_on_the_target_creates_no_run(store, capsys):
+    uri, parent = store
+    before = len(MlflowClient(uri).search_runs(["1"]))
+    assert main(["finetune", "--from-run", parent, "--config", TINY_FT, "--zero-shot", "0,0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "sigma=0: success" in out and "sigma=0.5: success" in out and "(3 episodes)" in out
+    assert len(MlflowClient(uri).search_runs(["1"])) == before
+    assert main(["finetune", "--from-run", parent, "--config", TINY_FT, "--zero-shot", "0,2"]) == 2
+    assert "expected comma-separated sigmas in [0, 1]" in capsys.readouterr().err

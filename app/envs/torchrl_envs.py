@@ -234,17 +234,22 @@ class RawDecoder:
 
 
 class ZeroShotDecoder:
-    """The base policy alone at sigma = 0 with fresh N(0, I) action noise (BC zero-shot, METHOD.md
-    section 2): the reference a fine-tuning agent must not start below. Its one-number action is ignored.
+    """The base policy alone with fresh N(0, I) action and context noise, at sigma = 0 by default (BC
+    zero-shot, METHOD.md section 2): the reference a fine-tuning agent must not start below. Its
+    one-number action is ignored.
 
     Args:
         policy: the pre-trained policy (frozen).
         steps: Euler steps per chunk; None = the policy's ``cfg.sample_steps``.
+        sigma: the context-noise level, in [0, 1].
     """
 
     action_dim = 1
 
-    def __init__(self, policy: CSPPolicy, steps: int | None = None) -> None:
+    def __init__(self, policy: CSPPolicy, steps: int | None = None, sigma: float = 0.0) -> None:
+        if not 0.0 <= sigma <= 1.0:
+            raise ValueError(f"ZeroShotDecoder sigma={sigma!r}; expected a value in [0, 1]")
+        self.sigma = float(sigma)
         self.policy = policy.eval().requires_grad_(False)
         self.chunk_len, self.env_action_dim, self.steps = policy.cfg.chunk_len, policy.action_dim, steps
         self._inputs = BasePolicyDecoder(policy, ["z"], steps=steps)
@@ -253,7 +258,7 @@ class ZeroShotDecoder:
     def __call__(self, action: Tensor, obs: Mapping[str, Tensor]) -> Tensor:
         """Chunk (N, L, d_a): z and eps_c drawn from torch's global generator (seed it for a fixed set)."""
         _check_action(action, 1, "ZeroShotDecoder")
-        chunk = self.policy.sample(self._inputs._batch(obs), 0.0, steps=self.steps)
+        chunk = self.policy.sample(self._inputs._batch(obs), self.sigma, steps=self.steps)
         return chunk.to(action.device, torch.float32)
 
     def features(self, obs: Mapping[str, Tensor]) -> Tensor:
@@ -491,7 +496,8 @@ def make_zero_shot_env(
     seed: int = 0,
     cube: CubeConfig | None = None,
     steps: int | None = None,
+    sigma: float = 0.0,
 ) -> ChunkEnv:
-    """ChunkEnv that runs the base policy alone (``ZeroShotDecoder``): with the eval env's seed it rolls
-    out the same fixed episodes, so its success is the base's zero-shot success on them."""
-    return ChunkEnv(task, num_envs, ZeroShotDecoder(policy, steps), exec_horizon, seed, cube)
+    """ChunkEnv that runs the base policy alone (``ZeroShotDecoder`` at ``sigma``): with the eval env's seed
+    it rolls out the same fixed episodes, so its success is the base's zero-shot success on them."""
+    return ChunkEnv(task, num_envs, ZeroShotDecoder(policy, steps, sigma), exec_horizon, seed, cube)
