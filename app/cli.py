@@ -86,7 +86,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from app.compare import compare
     from app.tracking import TrackingConfig, resolve_uri
 
-    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent, args.filter, args.by)
+    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent, args.filter, args.by, args.out)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     example = "\"params.env_steps = '100000'\""
     p.add_argument("--filter", default=None, help=f"MLflow search filter on the children, e.g. {example}")
     p.add_argument("--by", nargs="*", default=[], help="params splitting a method's runs (chunk.sigma_max)")
+    p.add_argument("--out", default=None, help="also save the plot here (e.g. docs/figures/target_a.png)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")

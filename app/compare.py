@@ -131,9 +131,10 @@ def plot_curves(
 
 
 def compare(
-    uri: str, parent: str, filter: str | None = None, by: Sequence[str] = ()
+    uri: str, parent: str, filter: str | None = None, by: Sequence[str] = (), out: str | None = None
 ) -> dict[str, tuple[float, float, int]]:
-    """Plot and log the comparison; returns {group: (mean final success, std, seeds)}."""
+    """Plot and log the comparison (and copy the plot to ``out``); returns {group: (mean final success,
+    std, seeds)}."""
     client = MlflowClient(tracking_uri=uri)
     curves = child_curves(client, parent, METRIC, filter, by)
     if not curves:
@@ -161,5 +162,9 @@ def compare(
         path = Path(tmp) / "finetune_comparison.png"
         plot = plot_curves(curves, f"fine-tuning from {parent[:8]}", path, explored, base)
         client.log_artifact(parent, str(plot), "plots")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_bytes(plot.read_bytes())
+            print(f"[tmrl] plot copied to {out}")
     print(f"[tmrl] logged plots/finetune_comparison.png on run {parent}")
     return summary
