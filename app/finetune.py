@@ -450,7 +450,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         counters["env_steps"] += steps
         counters["chunks"] += flat.numel()
         metrics = batch_stats(flat, p.env.decoder)
-        if "train/sigma_p50" in metrics:
+        if "train/sigma_p50" in metrics and "sigma" in getattr(p.env.decoder, "sizes", {}):  # a learned sigma
             sigma_history.append(
                 (counters["env_steps"], [metrics[f"train/sigma_p{round(100 * q)}"] for q in SIGMA_QUANTILES])
             )
@@ -486,12 +486,12 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         hooks.log({"eval/success_rate": final}, counters["env_steps"])
         if "sigma" in getattr(p.env.decoder, "sizes", {}):
             hooks.plot("sigma_trace.png", lambda path: plot_sigma_traces(traces, cfg.method, path))
+        print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
     if len(sigma_history) > 1:
         hooks.plot(
             "sigma_over_finetuning.png",
             lambda path: plot_sigma_over_finetuning(sigma_history, cfg.method, path),
         )
-        print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
     hooks.checkpoint("agent_final.pt", counters)
     return counters
 
