@@ -56,7 +56,12 @@ def child_curves(
     method, split further by the params named in ``by``."""
     exp = client.get_run(parent).info.experiment_id
     query = f"tags.`{PRETRAIN_TAG}` = '{parent}'" + (f" and {filter}" if filter else "")
-    runs = client.search_runs([exp], filter_string=query, max_results=1000)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        runs = client.search_runs([exp], filter_string=query, max_results=1000)
+    except MlflowException as err:
+        raise ValueError(f"--filter {filter!r} is not a valid MLflow search filter: {err.message}") from None
     curves: dict[str, list[np.ndarray]] = defaultdict(list)
     for run in runs:
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))

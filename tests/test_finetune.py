@@ -196,6 +196,8 @@ def test_compare_plots_every_method_on_the_parent(store, tmp_path, capsys):
     assert "dsrl chunk.sigma_max=1.0 seed=0" in out and "tmrl chunk.sigma_max=1.0 seed=0" in out
     assert main(["compare", "--parent", parent, "--filter", "params.env_steps = '7'"]) == 2
     assert "matching" in capsys.readouterr().err
+    assert main(["compare", "--parent", parent, "--filter", "params.method IN ('a')"]) == 2
+    assert "not a valid MLflow search filter" in capsys.readouterr().err
     files = {f.path for f in MlflowClient(uri).list_artifacts(parent, "plots")}
     assert "plots/finetune_comparison.png" in files
 
