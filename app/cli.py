@@ -67,7 +67,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(to_yaml(cfg), end="")
         return
     if args.zero_shot is not None:
-        from app.finetune import zero_shot_on_target
+        from app.base_run import zero_shot_on_target
 
         try:
             sigmas = [float(v) for v in args.zero_shot.split(",")]

@@ -19,21 +19,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector, MultiAsyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
-from torchrl.envs.utils import ExplorationType, exploration_type, set_exploration_type
+from torchrl.envs.utils import ExplorationType, exploration_type
 from tqdm import tqdm
 
 from app import tracking
+from app.base_run import load_base_policy, open_demos
 from app.config import flatten, to_yaml
-from app.envs.batched_maze import TaskConfig
 from app.envs.cube import CubeConfig
-from app.envs.torchrl_envs import ChunkEnv, env_dims, make_chunk_env, make_zero_shot_env
-from app.evaluate import _pyplot
+from app.envs.torchrl_envs import ChunkEnv, make_chunk_env, make_zero_shot_env
 from app.finetune_config import AgentConfig, CollectConfig, FinetuneConfig
+from app.finetune_eval import (
+    SIGMA_QUANTILES,
+    batch_stats,
+    dummy_action,
+    evaluate,
+    plot_sigma_over_finetuning,
+    plot_sigma_traces,
+)
 from datamodules.episodes import EpisodeStore
 from datamodules.offline import demo_chunks, mixed_sample
 from modules.nets.keys import ACTION
@@ -44,25 +50,6 @@ from modules.tmrl.loss import STATE_KEYS, TMRLLoss, make_optimizers, update
 
 ENV_STEPS = "env_steps"
 PROGRESS_KEYS = ("eval/success_rate", "eval/base_success_rate", "train/episode_success", "train/sigma_mean")
-
-
-def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
-    """Refuse a pre-trained policy whose observation/action/goal sizes (or context) do not fit the env."""
-    obs_dim, action_dim, goal_dim = env_dims(task)
-    want = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": goal_dim}
-    have = {"obs_dim": policy.obs_dim, "action_dim": policy.action_dim, "goal_dim": policy.goal_dim}
-    cloud = policy.cfg.context_mode == "pointcloud"
-    if cloud != task.is_cube:
-        raise ValueError(
-            f"the policy of run {run_id!r} has context_mode={policy.cfg.context_mode!r}, which does not fit "
-            f"task.env={task.env!r}: point-cloud policies fine-tune on 'cube-single', the others on mazes"
-        )
-    bad = [f"{k}: policy {have[k]} vs env {want[k]}" for k in want if have[k] != want[k]]
-    if bad:
-        raise ValueError(
-            f"the policy of run {run_id!r} does not fit task.env={task.env!r} ({'; '.join(bad)}); "
-            f"pre-train on an environment with the same observation and action spaces"
-        )
 
 
 def regularizer(cfg: AgentConfig, decoder) -> str:
@@ -184,112 +171,6 @@ def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> Repla
     return ReplayBuffer(storage=storage, batch_size=batch_size)
 
 
-def dummy_action(td: TensorDict) -> TensorDict:
-    """The policy of a zero-shot env (its decoder ignores the action)."""
-    return td.set(ACTION, torch.zeros(td.batch_size[0], 1))
-
-
-@torch.no_grad()
-def evaluate(
-    env,
-    policy: Callable[[TensorDict], TensorDict],
-    max_chunks: int,
-    seed: int,
-    traces: list | None = None,
-    deterministic: bool = False,
-) -> float:
-    """Success rate of the agent over the eval env's sub-envs (one fixed episode each).
-
-    The episodes (starts, goals) AND the agent's sampling noise are seeded from ``seed``, so every
-    evaluation of a run, and of every run with the same eval settings, sees the same draws; torch's global
-    generator is restored afterwards. ``deterministic``: act with tanh(mean) instead of sampling.
-    With ``traces`` (a list), appends per chunk (env step of each sub-env (N,), sigma chosen (N,), live (N,)),
-    the data of the sigma-over-an-episode plot."""
-    env.set_seed(seed)
-    td = env.reset()
-    done = torch.zeros(env.batch_size[0], dtype=torch.bool)
-    success = torch.zeros_like(done)
-    t = torch.zeros(env.batch_size[0], dtype=torch.long)
-    mode = ExplorationType.DETERMINISTIC if deterministic else ExplorationType.RANDOM
-    with torch.random.fork_rng(devices=[]), set_exploration_type(mode):
-        torch.manual_seed(seed)
-        for _ in range(max_chunks):
-            # finished sub-envs are reset (their later episodes are ignored) so the batch steps on
-            td, td_next = env.step_and_maybe_reset(policy(td))
-            if traces is not None and hasattr(env.decoder, "split"):
-                traces.append((t.clone(), env.decoder.split(td[ACTION])["sigma"].clone(), ~done))
-            t += td["next", ENV_STEPS].squeeze(-1)
-            finished = td["next", "done"].squeeze(-1) & ~done
-            success |= finished & td["next", "success"].squeeze(-1)
-            done |= finished
-            if done.all():
-                break
-            td = td_next
-    return float(success.float().mean())
-
-
-def plot_sigma_traces(traces: list, method: str, path: Path) -> Path:
-    """sigma chosen at each chunk of every evaluation episode, against the episode's env step."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    steps = torch.stack([s for s, _, _ in traces])  # (chunks, N)
-    sigmas = torch.stack([g for _, g, _ in traces])
-    live = torch.stack([m for _, _, m in traces])
-    for k in range(steps.shape[1]):
-        keep = live[:, k]
-        ax.step(steps[keep, k], sigmas[keep, k], where="post", lw=1.0, alpha=0.7)
-    ax.set_xlabel("environment step in the episode")
-    ax.set_ylabel("sigma chosen")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{method}: context-noise level per chunk over the evaluation episodes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-SIGMA_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-
-
-def plot_sigma_over_finetuning(history: list[tuple[int, list[float]]], method: str, path: Path) -> Path:
-    """The distribution of the sigma the agent chose while collecting (median, 25-75% and 10-90% bands)
-    against the env steps of fine-tuning: the paper expects it to fall as the task is learned."""
-    plt = _pyplot()
-    steps = np.array([s for s, _ in history])
-    q = np.array([v for _, v in history])  # (batches, len(SIGMA_QUANTILES))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.fill_between(steps, q[:, 0], q[:, 4], alpha=0.2, lw=0, color="C0", label="10-90%")
-    ax.fill_between(steps, q[:, 1], q[:, 3], alpha=0.35, lw=0, color="C0", label="25-75%")
-    ax.plot(steps, q[:, 2], color="C0", lw=1.5, label="median")
-    ax.set_xlabel("environment steps of fine-tuning")
-    ax.set_ylabel("sigma chosen (training chunks)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.set_title(f"{method}: context-noise level chosen over fine-tuning")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def batch_stats(batch: TensorDict, decoder) -> dict[str, float]:
-    """Training-side metrics of one collected batch: finished episodes' success, sigma chosen."""
-    out: dict[str, float] = {}
-    done = batch["next", "done"].squeeze(-1)
-    if done.any():
-        out["train/episode_success"] = float(batch["next", "success"].squeeze(-1)[done].float().mean())
-    parts = decoder.split(batch[ACTION]) if hasattr(decoder, "split") else {}
-    if "sigma" in parts:
-        out["train/sigma_mean"] = float(parts["sigma"].mean())
-        out["train/sigma_std"] = float(parts["sigma"].std()) if parts["sigma"].numel() > 1 else 0.0
-        quantiles = torch.quantile(parts["sigma"].float(), torch.tensor(SIGMA_QUANTILES))
-        out |= {
-            f"train/sigma_p{round(100 * q)}": float(v)
-            for q, v in zip(SIGMA_QUANTILES, quantiles, strict=True)
-        }
-    return out
-
-
 def save_agent(path: Path, loss: TMRLLoss, optimizers: dict, counters: dict[str, int]) -> Path:
     """Everything needed to continue: actor, critics, targets and temperatures (the loss module's state),
     the optimizers, and the step counters."""
@@ -303,44 +184,6 @@ def save_agent(path: Path, loss: TMRLLoss, optimizers: dict, counters: dict[str,
         path,
     )
     return path
-
-
-@dataclass
-class BaseRun:
-    """What fine-tuning takes from the pre-training run."""
-
-    policy: CSPPolicy
-    demos_path: str | None  # its data.path
-    cube: CubeConfig | None  # its demos.cube: the cameras and cloud the policy saw (cube tasks)
-
-
-def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> BaseRun:
-    """Fetch the pre-training run's exported policy, the path of its demonstrations and, for the cube, its
-    camera and cloud settings; refuse a run that does not exist, is not a CSP pre-training run, or whose
-    policy does not fit the target environment."""
-    files = tracking.fetch_pretrain_run(tracking.resolve_uri(cfg.tracking), from_run, tmp)
-    policy = CSPPolicy.load(files["policy"]).requires_grad_(False)
-    check_compatible(policy, cfg.task, from_run)
-    data = yaml.safe_load(files["config"].read_text()) or {}
-    cube = None
-    if cfg.task.is_cube:
-        cube = CubeConfig(**((data.get("demos") or {}).get("cube") or {}))
-        if cube.num_points != policy.cfg.num_points:
-            raise ValueError(
-                f"run {from_run!r}: demos.cube.num_points={cube.num_points} but its policy takes "
-                f"{policy.cfg.num_points} points"
-            )
-    return BaseRun(policy, (data.get("data") or {}).get("path"), cube)
-
-
-def open_demos(path: str | None, from_run: str) -> EpisodeStore:
-    """The demonstrations RLPD mixes in: ``offline.path``, else the pre-training run's ``data.path``."""
-    if not path or not Path(path).exists():
-        raise FileNotFoundError(
-            f"method=rlpd needs the demonstrations of run {from_run!r}, but {path!r} is not on this machine; "
-            f"set offline.path=<episode store>"
-        )
-    return EpisodeStore.open(path)
 
 
 def _worker_env(index: int, seed: int, **kw) -> ChunkEnv:
@@ -494,29 +337,6 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         )
     hooks.checkpoint("agent_final.pt", counters)
     return counters
-
-
-def zero_shot_on_target(cfg: FinetuneConfig, from_run: str, sigmas: list[float]) -> dict[float, float]:
-    """The base policy of ``from_run`` alone on the fine-tuning target's fixed evaluation episodes
-    (``cfg.eval``: episodes, seed; ``cfg.chunk``: H_exec, Euler steps), per sigma: what fine-tuning starts
-    from, measured exactly as ``eval/base_success_rate``. Creates no MLflow run."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = load_base_policy(cfg, from_run, tmp)
-    max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
-    out = {}
-    for sigma in sigmas:
-        env = make_zero_shot_env(
-            cfg.task, cfg.eval.episodes, base.policy, cfg.chunk.exec_horizon, cfg.eval.seed, base.cube,
-            cfg.chunk.sample_steps, sigma,
-        )  # fmt: skip
-        out[sigma] = evaluate(env, dummy_action, max_chunks, cfg.eval.seed)
-        print(
-            f"[tmrl] zero-shot on the target, sigma={sigma:g}: success {out[sigma]:.1%} "
-            f"({cfg.eval.episodes} episodes)"
-        )
-    return out
 
 
 def check_resume(client, cfg: FinetuneConfig, from_run: str) -> None:

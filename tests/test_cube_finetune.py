@@ -11,11 +11,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from torchrl.envs.utils import check_env_specs
 
+from app.base_run import check_compatible
 from app.cli import main
 from app.envs.batched_maze import TaskConfig
 from app.envs.cube import CubeConfig, CubePointCloudEnv
 from app.envs.torchrl_envs import BasePolicyDecoder, make_chunk_env
-from app.finetune import check_compatible, state_keys
+from app.finetune import state_keys
 from modules.nets.keys import CONTEXT_FEATURE, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
 from modules.nets.policy import CSPPolicy, PolicyConfig
