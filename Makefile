@@ -21,7 +21,7 @@ quickstart: $(BIN)/tmrl
 
 # The headline: demonstrations -> CSP pre-training (the quickstart) -> TMRL fine-tuning on ladder target (a),
 # a pointmaze-large task the pre-trained policy solves about a quarter of the time; ends with the fine-tuned
-# policy's success on 20 fixed evaluation episodes (about 10 minutes on 2 CPU cores after the install).
+# policy's success on 20 fixed evaluation episodes (28 CPU-minutes measured; 10-15 minutes alone on 2 cores).
 demo-finetune: $(BIN)/tmrl
 	set -o pipefail; $(BIN)/tmrl fit --config configs/quickstart.yaml | tee .demo-fit.log
 	run=$$(grep -o 'run_id=[0-9a-f]*' .demo-fit.log | tail -1 | cut -d= -f2) && rm -f .demo-fit.log && \
