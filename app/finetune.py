@@ -293,7 +293,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         counters["env_steps"] += steps
         counters["chunks"] += flat.numel()
         metrics = batch_stats(flat, p.env.decoder)
-        if "train/sigma_p50" in metrics and "sigma" in getattr(p.env.decoder, "sizes", {}):  # a learned sigma
+        if "train/sigma_p50" in metrics:  # a learned sigma
             sigma_history.append(
                 (counters["env_steps"], [metrics[f"train/sigma_p{round(100 * q)}"] for q in SIGMA_QUANTILES])
             )
@@ -310,7 +310,8 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
             if counters["updates"]:
                 metrics.update({f"train/{k}": float(v) for k, v in out.items()})
             p.collector.update_policy_weights_()
-        if cfg.eval.every_env_steps > 0 and counters["env_steps"] >= next_eval:
+        last = counters["env_steps"] >= cfg.env_steps  # the final evaluation below covers this step
+        if cfg.eval.every_env_steps > 0 and counters["env_steps"] >= next_eval and not last:
             metrics["eval/success_rate"] = evaluate_agent()
             next_eval += cfg.eval.every_env_steps
         hooks.log(metrics, counters["env_steps"])
@@ -320,7 +321,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         if counters["env_steps"] >= next_ckpt:
             hooks.checkpoint("agent_last.pt", counters)
             next_ckpt += cfg.checkpoint_every_env_steps
-        if counters["env_steps"] >= cfg.env_steps:
+        if last:
             break
     bar.close()
     if cfg.eval.every_env_steps > 0:

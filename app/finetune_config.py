@@ -148,6 +148,11 @@ class FinetuneConfig:
             raise ValueError(f"method={self.method!r}; expected one of {sorted(METHODS)}")
         if self.env_steps < 1:
             raise ValueError(f"env_steps must be >= 1, got {self.env_steps}")
+        if self.method == "tmrl" and not 0.0 < self.agent.sigma_init < self.chunk.sigma_max:
+            raise ValueError(
+                f"agent.sigma_init={self.agent.sigma_init} must lie inside (0, chunk.sigma_max="
+                f"{self.chunk.sigma_max}): it is the sigma head's initial median"
+            )
         if self.method == "rlpd" and self.task.is_cube:
             raise ValueError(
                 "method=rlpd mixes in the maze demonstrations' chunks; on task.env='cube-single' use "

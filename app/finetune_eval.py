@@ -119,6 +119,7 @@ def batch_stats(batch: TensorDict, decoder) -> dict[str, float]:
     if "sigma" in parts:
         out["train/sigma_mean"] = float(parts["sigma"].mean())
         out["train/sigma_std"] = float(parts["sigma"].std()) if parts["sigma"].numel() > 1 else 0.0
+    if "sigma" in getattr(decoder, "sizes", {}):  # a learned sigma: its distribution over the batch
         quantiles = torch.quantile(parts["sigma"].float(), torch.tensor(SIGMA_QUANTILES))
         out |= {
             f"train/sigma_p{round(100 * q)}": float(v)

@@ -325,3 +325,11 @@ def test_zero_shot_on_the_target_creates_no_run(store, capsys):
     assert len(MlflowClient(uri).search_runs(["1"])) == before
     assert main(["finetune", "--from-run", parent, "--config", TINY_FT, "--zero-shot", "0,2"]) == 2
     assert "expected comma-separated sigmas in [0, 1]" in capsys.readouterr().err
+
+
+def test_a_sigma_start_outside_its_range_is_refused_before_any_run():
+    with pytest.raises(Exception, match=r"agent.sigma_init=0.0 must lie inside \(0, chunk.sigma_max=1.0\)"):
+        load_config(FinetuneConfig, TINY_FT, ["agent.sigma_init=0.0"])
+    with pytest.raises(Exception, match="agent.sigma_init=0.6"):
+        load_config(FinetuneConfig, TINY_FT, ["agent.sigma_init=0.6", "chunk.sigma_max=0.5"])
+    load_config(FinetuneConfig, TINY_FT, ["agent.sigma_init=0.0", "method=dsrl"])  # no sigma head: fine

@@ -183,7 +183,7 @@ class BasePolicyDecoder:
             eps_c = action.new_zeros((n, self.policy.context_dim))  # no head: the clean context
         return {"z": z, "sigma": sigma, "eps_c": eps_c}
 
-    def _batch(self, obs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def inputs(self, obs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The policy's inputs from the env's observation (OBS, GOAL if the policy has one, POINTCLOUD)."""
         device = next(self.policy.parameters()).device
         keys = [OBS] + [GOAL] * (self.policy.goal_dim > 0) + [POINTCLOUD] * (self.feature_dim > 0)
@@ -198,14 +198,14 @@ class BasePolicyDecoder:
         if "eps_c" in self.sizes and self.policy.context_code_dim:
             eps_c = self.policy.context_noise_from_code(eps_c)  # (N, d) code -> (N, d_c)
         chunk = self.policy.sample(
-            self._batch(obs), parts["sigma"], action_noise=parts["z"], context_noise=eps_c, steps=self.steps
+            self.inputs(obs), parts["sigma"], action_noise=parts["z"], context_noise=eps_c, steps=self.steps
         )
         return chunk.to(action.device, torch.float32)
 
     @torch.no_grad()
     def features(self, obs: Mapping[str, Tensor]) -> Tensor:
         """(N, F) PointNet features of the CLEAN clouds (sigma = 0): the agent's view of the scene."""
-        batch = self._batch(obs)
+        batch = self.inputs(obs)
         zeros = batch[OBS].new_zeros(batch[OBS].shape[0])
         eps = batch[OBS].new_zeros(batch[OBS].shape[0], self.policy.context_dim)
         _, cloud = self.policy.noised_context(batch, zeros, eps)  # sigma = 0: the normalized cloud itself
@@ -258,7 +258,7 @@ class ZeroShotDecoder:
     def __call__(self, action: Tensor, obs: Mapping[str, Tensor]) -> Tensor:
         """Chunk (N, L, d_a): z and eps_c drawn from torch's global generator (seed it for a fixed set)."""
         _check_action(action, 1, "ZeroShotDecoder")
-        chunk = self.policy.sample(self._inputs._batch(obs), self.sigma, steps=self.steps)
+        chunk = self.policy.sample(self._inputs.inputs(obs), self.sigma, steps=self.steps)
         return chunk.to(action.device, torch.float32)
 
     def features(self, obs: Mapping[str, Tensor]) -> Tensor:
