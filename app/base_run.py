@@ -1,5 +1,5 @@
 """What fine-tuning takes from a pre-training run: its policy (checked against the target environment), the
-path of its demonstrations and, for the cube, its cameras and cloud; and the base policy alone on a
+path of its demonstrations and its sensor settings; and the base policy alone on a
 fine-tuning target (``tmrl finetune --zero-shot``).
 """
 
@@ -9,37 +9,23 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from app import tracking
-from app.envs.batched_maze import TaskConfig
-from app.envs.cube import CubeConfig
-from app.envs.torchrl_envs import env_dims, make_zero_shot_env
+from app.envs.torchrl_envs import make_zero_shot_env
 from app.finetune_config import FinetuneConfig
 from app.finetune_eval import dummy_action, evaluate
+from app.tasks.registry import TaskConfig
 from datamodules.episodes import EpisodeStore
 from modules.nets.policy import CSPPolicy
 
 
 def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
-    """Refuse a pre-trained policy whose observation/action/goal sizes (or context) do not fit the env."""
-    obs_dim, action_dim, goal_dim = env_dims(task)
-    want = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": goal_dim}
-    have = {"obs_dim": policy.obs_dim, "action_dim": policy.action_dim, "goal_dim": policy.goal_dim}
-    cloud = policy.cfg.context_mode == "pointcloud"
-    if cloud != task.is_cube:
-        raise ValueError(
-            f"the policy of run {run_id!r} has context_mode={policy.cfg.context_mode!r}, which does not fit "
-            f"task.env={task.env!r}: point-cloud policies fine-tune on 'cube-single', the others on mazes"
-        )
-    bad = [f"{k}: policy {have[k]} vs env {want[k]}" for k in want if have[k] != want[k]]
-    if bad:
-        raise ValueError(
-            f"the policy of run {run_id!r} does not fit task.env={task.env!r} ({'; '.join(bad)}); "
-            f"pre-train on an environment with the same observation and action spaces"
-        )
+    """Refuse a pre-trained policy whose context or observation/action/goal sizes do not fit the target."""
+    task.task.check_policy(policy, task.env, f"the policy of run {run_id!r}")
 
 
 @dataclass
@@ -48,26 +34,19 @@ class BaseRun:
 
     policy: CSPPolicy
     demos_path: str | None  # its data.path
-    cube: CubeConfig | None  # its demos.cube: the cameras and cloud the policy saw (cube tasks)
+    sensor: dict[str, Any]  # the sensor the policy saw (cameras, cloud), for tasks with one; {} otherwise
 
 
 def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> BaseRun:
-    """Fetch the pre-training run's exported policy, the path of its demonstrations and, for the cube, its
-    camera and cloud settings; refuse a run that does not exist, is not a CSP pre-training run, or whose
-    policy does not fit the target environment."""
+    """Fetch the pre-training run's exported policy and the path of its demonstrations; refuse a run that
+    does not exist, is not a CSP pre-training run, or whose policy does not fit the target environment.
+    The sensor travels in the policy; a policy saved before it did gets it from the run's config.yaml."""
     files = tracking.fetch_pretrain_run(tracking.resolve_uri(cfg.tracking), from_run, tmp)
     policy = CSPPolicy.load(files["policy"]).requires_grad_(False)
     check_compatible(policy, cfg.task, from_run)
     data = yaml.safe_load(files["config"].read_text()) or {}
-    cube = None
-    if cfg.task.is_cube:
-        cube = CubeConfig(**((data.get("demos") or {}).get("cube") or {}))
-        if cube.num_points != policy.cfg.num_points:
-            raise ValueError(
-                f"run {from_run!r}: demos.cube.num_points={cube.num_points} but its policy takes "
-                f"{policy.cfg.num_points} points"
-            )
-    return BaseRun(policy, (data.get("data") or {}).get("path"), cube)
+    sensor = dict(policy.sensor) or cfg.task.task.legacy_sensor(data, policy, f"run {from_run!r}")
+    return BaseRun(policy, (data.get("data") or {}).get("path"), sensor)
 
 
 def open_demos(path: str | None, from_run: str) -> EpisodeStore:
@@ -88,11 +67,11 @@ def zero_shot_on_target(cfg: FinetuneConfig, from_run: str, sigmas: list[float])
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base_policy(cfg, from_run, tmp)
-    max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
+    max_chunks = math.ceil(cfg.task.max_episode_steps / cfg.chunk.exec_horizon) + 1
     out = {}
     for sigma in sigmas:
         env = make_zero_shot_env(
-            cfg.task, cfg.eval.episodes, base.policy, cfg.chunk.exec_horizon, cfg.eval.seed, base.cube,
+            cfg.task, cfg.eval.episodes, base.policy, cfg.chunk.exec_horizon, cfg.eval.seed, base.sensor,
             cfg.chunk.sample_steps, sigma,
         )  # fmt: skip
         out[sigma] = evaluate(env, dummy_action, max_chunks, cfg.eval.seed)

@@ -19,8 +19,9 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -28,12 +29,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from app.envs.batched_cube import BatchedCube
-from app.envs.cube import CubeConfig
-from app.envs.torchrl_envs import Backend, env_dims, make_backend
 from app.finetune import FinetuneConfig, RunHooks, build_pipeline, run_loop
 from app.pretrain import ensure_demos, make_datamodule
 from app.schema import FitConfig
+from app.tasks.base import Backend
 from datamodules.state import StateDataModule
 from modules.csp import CSPModule
 from modules.nets.keys import ACTION
@@ -194,7 +193,7 @@ def unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
     stats |= {"action_min": -np.ones(d_a), "action_max": np.ones(d_a)}
     if d_g:
         stats |= {"goal_mean": np.zeros(d_g), "goal_std": np.ones(d_g)}
-    if policy.cfg.context_mode == "pointcloud":
+    if "pointcloud_center" in policy.stats_keys:
         stats |= {"pointcloud_center": np.array([0.425, 0.0, 0.1]), "pointcloud_scale": np.array([0.2])}
     return stats
 
@@ -214,14 +213,16 @@ def env_steps_per_s(backend: Backend, steps: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def clouds_per_s(backend: BatchedCube, count: int) -> float:
-    """Point-cloud observations/s: depth renders, back-projection, crop and downsampling of a scene."""
-    backend.reset()
-    rounds = max(1, count // backend.num_envs)
-    start = time.perf_counter()
+def sensor_per_s(backend: Backend, count: int) -> float:
+    """Sensor observations/s of fresh scenes (a point cloud: depth renders, back-projection, crop and
+    downsampling); only ``observe`` is timed, not the resets between rounds."""
+    rounds, spent = max(1, count // backend.num_envs), 0.0
     for _ in range(rounds):
-        backend.observe_clouds(force=True)
-    return rounds * backend.num_envs / (time.perf_counter() - start)
+        backend.reset()
+        start = time.perf_counter()
+        backend.observe()
+        spent += time.perf_counter() - start
+    return rounds * backend.num_envs / spent
 
 
 def sampling_env_steps_per_s(env, exec_horizon: int, calls: int) -> float:
@@ -249,26 +250,27 @@ def updates_per_s(p, batch_size: int, count: int = 50) -> float:
 
 
 def bench_finetune(
-    cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int, cube: CubeConfig | None = None
+    cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int, sensor: Mapping[str, Any] | None = None
 ) -> dict[str, float]:
-    """Full loop vs its floor (environment + base-policy sampling [+ clouds]) at the config's batch of
-    envs; ``cube``: the cameras and cloud of a cube task (a point-cloud fit config's demos.cube)."""
+    """Full loop vs its floor (environment + base-policy sampling [+ sensor]) at the config's batch of
+    envs; ``sensor``: a task's sensor settings (a point-cloud fit config's demos.cube)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()  # the collector's shutdown may change it
-    obs_dim, action_dim, goal_dim = env_dims(cfg.task)
-    base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=goal_dim)
+    obs_dim, action_dim, goal_dim = cfg.task.task.dims(cfg.task.env)
+    sensor = dict(sensor or {})
+    base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=goal_dim, sensor=sensor)
     base.set_normalization(unit_stats(base))
     cfg = dataclasses.replace(cfg, env_steps=env_steps, progress_bar=False)
     cfg.eval.every_env_steps = 0
     n, h = cfg.collect.num_envs, cfg.chunk.exec_horizon
     with tempfile.TemporaryDirectory() as tmp:
-        p = build_pipeline(cfg, None if cfg.method == "sac" else base, Path(tmp), cube=cube)
-        clouds = p.env.clouds
+        p = build_pipeline(cfg, None if cfg.method == "sac" else base, Path(tmp), sensor=sensor)
+        clouds = base.feature_dim > 0  # a sensor rendered once per chunk for the agent's view
         # the env alone on a batch of its own, so the pipeline's env stays as the collector left it
-        backend = make_backend(cfg.task, n, cfg.seed, cube)
+        backend = cfg.task.task.make_backend(cfg.task, n, cfg.seed, sensor)
         r_env = env_steps_per_s(backend, min(env_steps, 2000))
-        r_cloud = clouds_per_s(backend, 4 * n) if clouds else float("inf")
+        r_cloud = sensor_per_s(backend, 4 * n) if clouds else float("inf")
         backend.close()
         r_sample = sampling_env_steps_per_s(p.env, h, 50)
         start = time.perf_counter()
@@ -290,9 +292,10 @@ def bench_finetune(
     if clouds:
         # seconds making clouds per env step over seconds per env step of the whole loop
         figures |= {"clouds_per_s": r_cloud, "cloud_share_of_step": r_loop / (r_cloud * h)}
+        what = ", ".join(f"{k} {sensor[k]}" for k in ("num_points", "cameras") if k in sensor)
         print(
-            f"  point clouds alone     {r_cloud:9.1f} observations/s ({cube.num_points} points, "
-            f"{len(cube.cameras)} cameras): {r_cloud * h:.0f} env steps/s at one per chunk"
+            f"  sensor alone           {r_cloud:9.1f} observations/s ({what}): "
+            f"{r_cloud * h:.0f} env steps/s at one per chunk"
         )
     print(f"  chunk sampling alone   {r_sample:9.0f} env steps/s   (batch {n})")
     print(f"  floor (all)            {floor:9.0f} env steps/s")
@@ -306,5 +309,5 @@ def bench_finetune(
         f"{need:.0f} updates/s at the loop's rate"
     )
     if clouds:
-        print(f"  point clouds' share of a fine-tuning env step: {figures['cloud_share_of_step']:.0%}")
+        print(f"  the sensor's share of a fine-tuning env step: {figures['cloud_share_of_step']:.0%}")
     return figures

@@ -38,7 +38,7 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def _load_fit_config(args: argparse.Namespace):
-    from app.schema import fit_schema
+    from app.tasks.registry import fit_schema
 
     cfg = load_config(fit_schema(args.config, args.overrides), args.config, args.overrides)
     if args.print_config:
@@ -92,99 +92,36 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import tempfile
 
+    import yaml
+
     from app import tracking
-    from app.evaluate import evaluate_zero_shot, plot_paths, plot_success, summary
-    from app.schema import PointCloudFitConfig, fit_schema
+    from app.tasks.registry import fit_schema, task_of_context
     from modules.nets.policy import CSPPolicy
 
     uri = tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri))
     with tempfile.TemporaryDirectory() as tmp:
         files = tracking.fetch_pretrain_run(uri, args.from_run, tmp)
         schema = fit_schema(files["config"])
-        if schema is PointCloudFitConfig:
-            _drop_maze_eval_keys(files["config"])
+        data = yaml.safe_load(files["config"].read_text()) or {}
+        task = task_of_context(((data.get("policy") or {}).get("context_mode")) or "goal")
+        files["config"].write_text(yaml.safe_dump(task.upgrade_run_config(data), sort_keys=False))
         cfg = load_config(schema, files["config"], args.overrides)
         policy = CSPPolicy.load(files["policy"])
-    if isinstance(cfg, PointCloudFitConfig):
-        _eval_cube_run(cfg, policy, Path(args.out or Path(cfg.output_dir) / args.from_run / "eval"))
-        return
-    env_name = cfg.eval.env or cfg.demos.env
-    results = evaluate_zero_shot(policy, env_name, cfg.eval)
     out = Path(args.out or Path(cfg.output_dir) / args.from_run / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    plot_success(results, env_name, out / "zero_shot_success.png")
-    plot_paths(results, env_name, out / "zero_shot_paths.png")
-    for line in summary(results, env_name):
-        print(line)
-    print(f"[tmrl] plots in {out}")
-
-
-def _drop_maze_eval_keys(path: Path) -> None:
-    """Point-cloud runs fitted before the cube evaluation existed stored the maze's ``eval`` section, whose
-    ``env`` and ``episodes_per_task`` the cube's schema refuses: drop the keys it does not know."""
-    import dataclasses
-
-    import yaml
-
-    from app.evaluate_cube import CubeEvalConfig
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    known = {f.name for f in dataclasses.fields(CubeEvalConfig)}
-    section = data.get("eval")
-    if isinstance(section, dict) and set(section) - known:
-        data["eval"] = {key: value for key, value in section.items() if key in known}
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def _eval_cube_run(cfg, policy, out: Path) -> None:
-    """`tmrl eval` of a point-cloud run: Success@K on the cube task, in the run's cameras and cloud."""
-    from app.evaluate_cube import evaluate_cube, plot_success_at_k, summary
-
-    results = evaluate_cube(policy, cfg.demos.cube, cfg.eval)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_success_at_k(results, out / "zero_shot_success_at_k.png")
-    for line in summary(results):
+    report = task.zero_shot(policy, cfg, None, out)
+    for line in report.lines:
         print(line)
     print(f"[tmrl] plots in {out}")
 
 
 def cmd_demos(args: argparse.Namespace) -> None:
-    from app.demos import CUBE_ENVS, generate_cube_demos, generate_maze_demos, is_cube_env
+    from app.tasks.registry import task_of_env
 
-    if is_cube_env(args.env):
-        from app.envs.cube import CubeConfig, OracleConfig
-
-        cube = CubeConfig(
-            num_points=args.num_points, robot_geometry=args.robot_geometry, variation=args.variation
-        )
-        oracle = OracleConfig() if args.noise_std is None else OracleConfig(noise=args.noise_std)
-        store = generate_cube_demos(
-            env=args.env,
-            episodes=args.episodes,
-            out=args.out,
-            episode_length=args.length or 200,
-            seed=args.seed,
-            cube=cube,
-            oracle=oracle,
-            overwrite=args.overwrite,
-        )
-    else:
-        from app.envs.maze import ExpertConfig, resolve_maze
-
-        try:
-            resolve_maze(args.env)
-        except ValueError as err:
-            raise ValueError(f"{err} Point-cloud tasks: {list(CUBE_ENVS)}.") from None
-        expert = ExpertConfig() if args.noise_std is None else ExpertConfig(noise_std=args.noise_std)
-        store = generate_maze_demos(
-            env=args.env,
-            episodes=args.episodes,
-            out=args.out,
-            episode_length=args.length or 1000,
-            seed=args.seed,
-            expert=expert,
-            overwrite=args.overwrite,
-        )
+    task = task_of_env(args.env)
+    options = dict(num_points=args.num_points, robot_geometry=args.robot_geometry, variation=args.variation)
+    options = {k: v for k, v in options.items() if v is not None}
+    demos = task.demo_config(args.env, args.episodes, args.length, args.seed, args.noise_std, options)
+    store = task.generate_demos(demos, args.out, overwrite=args.overwrite)
     print(f"[tmrl] wrote {store.num_episodes} episodes, {store.num_steps} steps to {args.out}")
     print(f"fingerprint={store.fingerprint}")
 
@@ -200,12 +137,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_bench_finetune(args: argparse.Namespace) -> None:
     from app.bench import bench_finetune
     from app.finetune import FinetuneConfig
-    from app.schema import fit_schema
+    from app.tasks.registry import fit_schema, task_of_context
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     fit_cfg = load_config(fit_schema(args.policy_config), args.policy_config)
-    cube = getattr(fit_cfg.demos, "cube", None) if cfg.task.is_cube else None
-    bench_finetune(cfg, fit_cfg.policy, env_steps=args.env_steps, cube=cube)
+    sensor = task_of_context(fit_cfg.policy.context_mode).sensor(fit_cfg)
+    bench_finetune(cfg, fit_cfg.policy, env_steps=args.env_steps, sensor=sensor)
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
@@ -274,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="expert action noise (maze: ExpertConfig.noise_std; cube: OracleConfig.noise)",
     )
-    p.add_argument("--num-points", type=int, default=512, help="cube: points per cloud")
-    p.add_argument("--robot-geometry", default="visual", help="cube: visual | collision | none")
-    p.add_argument("--variation", default="train", help="cube: train | heldout")
+    p.add_argument("--num-points", type=int, default=None, help="cube: points per cloud (512)")
+    p.add_argument("--robot-geometry", default=None, help="cube: visual | collision | none (visual)")
+    p.add_argument("--variation", default=None, help="cube: train | heldout (train)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demos)
 

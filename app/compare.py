@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from app.evaluate import _pyplot
+from app.plots import pyplot
 from app.tracking import PRETRAIN_TAG
 
 METRIC = "eval/success_rate"
@@ -116,7 +116,7 @@ def plot_curves(
 ) -> Path:
     """Evaluation success per method (band: 95% bootstrap interval of the mean over seeds; dashed: the base
     policy alone on the same episodes, ``base``); beside it, when given, cumulative training successes."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2 if explored else 1, figsize=(12 if explored else 7, 4), squeeze=False)
     cmap = plt.get_cmap("tab10")
     colors = {m: cmap(i) for i, m in enumerate(sorted(set(curves) | set(explored or {})))}

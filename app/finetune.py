@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,15 +24,13 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector, MultiAsyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
-from torchrl.envs.utils import ExplorationType, exploration_type
 from tqdm import tqdm
 
 from app import tracking
 from app.base_run import load_base_policy, open_demos
 from app.config import flatten, to_yaml
-from app.envs.cube import CubeConfig
 from app.envs.torchrl_envs import ChunkEnv, make_chunk_env, make_zero_shot_env
-from app.finetune_config import AgentConfig, CollectConfig, FinetuneConfig
+from app.finetune_config import CollectConfig, FinetuneConfig
 from app.finetune_eval import (
     SIGMA_QUANTILES,
     batch_stats,
@@ -40,101 +39,20 @@ from app.finetune_eval import (
     plot_sigma_over_finetuning,
     plot_sigma_traces,
 )
+from app.offline_data import read_demo_arrays
 from datamodules.episodes import EpisodeStore
-from datamodules.offline import demo_chunks, mixed_sample
-from modules.nets.keys import ACTION
+from modules.nets.keys import ACTION, DONE, ENV_STEPS, NEXT, SUCCESS
 from modules.nets.policy import CSPPolicy
-from modules.tmrl.actor import ChunkActor, HeadSpec
-from modules.tmrl.critic import CriticEnsemble
+from modules.tmrl.agent import ActorPolicy, head_specs, make_agent, regularizer
 from modules.tmrl.loss import STATE_KEYS, TMRLLoss, make_optimizers, update
+from modules.tmrl.offline import demo_chunks, mixed_sample
 
-ENV_STEPS = "env_steps"
 PROGRESS_KEYS = ("eval/success_rate", "eval/base_success_rate", "train/episode_success", "train/sigma_mean")
-
-
-def regularizer(cfg: AgentConfig, decoder) -> str:
-    """The actor's regularizer: ``cfg.regularizer``, with "auto" = "prior" for base-policy decoders."""
-    if cfg.regularizer != "auto":
-        return cfg.regularizer
-    return "prior" if hasattr(decoder, "sizes") else "entropy"
-
-
-def head_specs(decoder, cfg: AgentConfig | None = None) -> list[HeadSpec]:
-    """The high-level action layout: one tanh-Gaussian head per part of the decoder's flat action
-    (the raw-action decoder of "sac" is one head), with ``cfg``'s entropy targets (or minus its KL budgets,
-    for the "prior" regularizer) and the sigma head's initial distribution (median ``cfg.sigma_init``, in
-    sigma units through the decoder's sigma_max)."""
-    cfg = cfg or AgentConfig()
-    kl = regularizer(cfg, decoder) == "prior"
-    per_dim = -cfg.target_kl_per_dim if kl else cfg.target_entropy_per_dim
-    sigma_target = -cfg.target_kl_sigma if kl else cfg.target_entropy_sigma
-    sizes = getattr(decoder, "sizes", {"action": decoder.action_dim})
-    heads = []
-    for name, dim in sizes.items():
-        if name == "sigma":
-            u = 2.0 * cfg.sigma_init / decoder.sigma_max - 1.0  # sigma = sigma_max * (tanh(loc) + 1) / 2
-            if not -1.0 < u < 1.0:
-                raise ValueError(
-                    f"agent.sigma_init={cfg.sigma_init} must lie inside (0, chunk.sigma_max="
-                    f"{decoder.sigma_max})"
-                )
-            heads.append(HeadSpec(name, dim, sigma_target, math.atanh(u), cfg.sigma_init_std))
-        else:
-            heads.append(HeadSpec(name, dim, per_dim * dim))
-    return heads
-
-
-class ActorPolicy(torch.nn.Module):
-    """The actor as the collector's policy: samples while exploring, tanh(mean) when deterministic."""
-
-    def __init__(self, actor: ChunkActor) -> None:
-        super().__init__()
-        self.actor = actor
-
-    def forward(self, *state: torch.Tensor) -> torch.Tensor:
-        """``state``: the tensors of ``state_keys`` (observation, goal[, context feature]), concatenated."""
-        deterministic = exploration_type() == ExplorationType.DETERMINISTIC
-        action, _ = self.actor(torch.cat(state, dim=-1), deterministic=deterministic)
-        return action
 
 
 def state_keys(env: ChunkEnv) -> list[str]:
     """What the agent sees: the keys of ``STATE_KEYS`` the env gives, in the loss's ``state_of`` order."""
     return [k for k in STATE_KEYS if k in env.observation_spec.keys()]
-
-
-def make_agent(
-    state_dim: int, heads: list[HeadSpec], cfg: AgentConfig, regularizer: str = "entropy"
-) -> TMRLLoss:
-    """The actor, the critic ensemble and their SAC loss; ``regularizer``: see ``ChunkActor``."""
-    names = [h.name for h in heads]
-    sigma_index = sum(h.dim for h in heads[: names.index("sigma")]) if "sigma" in names else None
-    actor = ChunkActor(
-        state_dim,
-        heads,
-        hidden=cfg.hidden,
-        layers=cfg.actor_layers,
-        init_std=cfg.init_std,
-        regularizer=regularizer,
-    )
-    critic = CriticEnsemble(
-        state_dim,
-        sum(h.dim for h in heads),
-        num_critics=cfg.num_critics,
-        hidden=cfg.hidden,
-        layers=cfg.critic_layers,
-        sigma_index=sigma_index,
-    )
-    return TMRLLoss(
-        actor,
-        critic,
-        heads,
-        gamma=cfg.gamma,
-        init_alpha=cfg.init_alpha,
-        entropy_in_target=cfg.entropy_in_target,
-        tau=cfg.tau,
-        autotune_alpha=cfg.autotune_alpha,
-    )
 
 
 def make_collector(
@@ -217,13 +135,13 @@ def build_pipeline(
     scratch_dir: Path,
     demos: EpisodeStore | None = None,
     warmup: bool = True,
-    cube: CubeConfig | None = None,
+    sensor: Mapping[str, Any] | None = None,
 ) -> Pipeline:
     """make_env -> make_agent -> make_collector -> make_buffer, each from its own sub-config; with
     ``demos``, their chunks (same H_exec, reward and discount semantics as online data) for mixing;
-    ``cube``: the cameras and cloud of a cube task (the pre-training run's)."""
+    ``sensor``: the base policy's sensor settings (cameras, cloud), for tasks with a sensor."""
     c = cfg.chunk
-    env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon, cube=cube)
+    env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon, sensor=sensor)
     env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
     env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps, z_bound=c.z_bound, eps_map=c.eps_map)
     env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
@@ -232,13 +150,13 @@ def build_pipeline(
     base_env = None
     if base is not None and cfg.eval.every_env_steps > 0:
         base_env = make_zero_shot_env(
-            cfg.task, cfg.eval.episodes, base, c.exec_horizon, cfg.eval.seed, cube, c.sample_steps
+            cfg.task, cfg.eval.episodes, base, c.exec_horizon, cfg.eval.seed, sensor, c.sample_steps
         )
     keys = state_keys(env)
     state_dim = sum(env.observation_spec[k].shape[-1] for k in keys)
-    loss = make_agent(
-        state_dim, head_specs(env.decoder, cfg.agent), cfg.agent, regularizer(cfg.agent, env.decoder)
-    )
+    dec = env.decoder
+    heads = head_specs(dec.sizes, cfg.agent, sigma_max=dec.sigma_max, uses_base=dec.uses_base)
+    loss = make_agent(state_dim, heads, cfg.agent, regularizer(cfg.agent, uses_base=dec.uses_base))
     policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=keys, out_keys=[ACTION])
     return Pipeline(
         env=env,
@@ -250,7 +168,13 @@ def build_pipeline(
         buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir),
         offline=None
         if demos is None
-        else demo_chunks(demos, env.backend.goal_xy, env.backend.goal_tol, cfg.chunk.exec_horizon),
+        else demo_chunks(
+            *read_demo_arrays(demos),
+            env.backend.goal_xy,
+            env.backend.goal_tol,
+            cfg.chunk.exec_horizon,
+            source=f"episode store {demos.path}",
+        ),
         base_env=base_env,
     )
 
@@ -267,7 +191,7 @@ class RunHooks:
 def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str, int] | None = None) -> dict:
     """collect -> extend -> update -> sync weights -> log -> evaluate -> checkpoint, until cfg.env_steps
     real environment steps; ``start`` holds the counters of a resumed run."""
-    max_chunks = math.ceil(cfg.task.max_steps / cfg.chunk.exec_horizon) + 1
+    max_chunks = math.ceil(cfg.task.max_episode_steps / cfg.chunk.exec_horizon) + 1
     counters = {"env_steps": 0, "chunks": 0, "updates": 0, "successes": 0} | dict(start or {})
     done = counters["env_steps"]
     every_eval, every_ckpt = max(cfg.eval.every_env_steps, 1), cfg.checkpoint_every_env_steps
@@ -289,7 +213,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
     for batch in p.collector:
         flat = batch.reshape(-1)
         p.buffer.extend(flat)
-        steps = int(flat["next", ENV_STEPS].sum())
+        steps = int(flat[NEXT, ENV_STEPS].sum())
         counters["env_steps"] += steps
         counters["chunks"] += flat.numel()
         metrics = batch_stats(flat, p.env.decoder)
@@ -298,7 +222,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
                 (counters["env_steps"], [metrics[f"train/sigma_p{round(100 * q)}"] for q in SIGMA_QUANTILES])
             )
         # exploration at a glance: how many training episodes have reached the goal so far
-        counters["successes"] += int((flat["next", "done"] & flat["next", "success"]).sum())
+        counters["successes"] += int((flat[NEXT, DONE] & flat[NEXT, SUCCESS]).sum())
         metrics["train/successes"] = float(counters["successes"])
         if len(p.buffer) >= max(cfg.collect.warmup_chunks, cfg.agent.batch_size):
             owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
@@ -328,7 +252,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         traces: list = []
         final = evaluate_agent(traces=traces)
         hooks.log({"eval/success_rate": final}, counters["env_steps"])
-        if "sigma" in getattr(p.env.decoder, "sizes", {}):
+        if "sigma" in p.env.decoder.sizes:
             hooks.plot("sigma_trace.png", lambda path: plot_sigma_traces(traces, cfg.method, path))
         print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
     if len(sigma_history) > 1:
@@ -408,7 +332,7 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     try:
         raw = cfg.method in ("sac", "rlpd")
         p = build_pipeline(
-            cfg, None if raw else base.policy, run_dir / "buffer", demos, not cfg.resume, base.cube
+            cfg, None if raw else base.policy, run_dir / "buffer", demos, not cfg.resume, base.sensor
         )
         start = None
         if cfg.resume:

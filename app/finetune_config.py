@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.envs.batched_maze import TaskConfig
-from app.envs.torchrl_envs import METHODS
+from app.methods import METHODS
+from app.tasks.registry import TaskConfig
 from app.tracking import TrackingConfig
 
 
@@ -153,8 +153,8 @@ class FinetuneConfig:
                 f"agent.sigma_init={self.agent.sigma_init} must lie inside (0, chunk.sigma_max="
                 f"{self.chunk.sigma_max}): it is the sigma head's initial median"
             )
-        if self.method == "rlpd" and self.task.is_cube:
+        if self.method == "rlpd" and not self.task.task.offline_demos:
             raise ValueError(
-                "method=rlpd mixes in the maze demonstrations' chunks; on task.env='cube-single' use "
+                f"method=rlpd mixes in the maze demonstrations' chunks; on task.env={self.task.env!r} use "
                 "tmrl, fixed_sigma, dsrl or sac"
             )

@@ -15,10 +15,9 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from app.evaluate import _pyplot
-from modules.nets.keys import ACTION
-
-ENV_STEPS = "env_steps"
+from app.envs.decoders import ChunkDecoder
+from app.plots import pyplot
+from modules.nets.keys import ACTION, DONE, ENV_STEPS, NEXT, SUCCESS
 
 
 def dummy_action(td: TensorDict) -> TensorDict:
@@ -53,11 +52,11 @@ def evaluate(
         for _ in range(max_chunks):
             # finished sub-envs are reset (their later episodes are ignored) so the batch steps on
             td, td_next = env.step_and_maybe_reset(policy(td))
-            if traces is not None and hasattr(env.decoder, "split"):
+            if traces is not None and "sigma" in env.decoder.sizes:
                 traces.append((t.clone(), env.decoder.split(td[ACTION])["sigma"].clone(), ~done))
-            t += td["next", ENV_STEPS].squeeze(-1)
-            finished = td["next", "done"].squeeze(-1) & ~done
-            success |= finished & td["next", "success"].squeeze(-1)
+            t += td[NEXT, ENV_STEPS].squeeze(-1)
+            finished = td[NEXT, DONE].squeeze(-1) & ~done
+            success |= finished & td[NEXT, SUCCESS].squeeze(-1)
             done |= finished
             if done.all():
                 break
@@ -67,7 +66,7 @@ def evaluate(
 
 def plot_sigma_traces(traces: list, method: str, path: Path) -> Path:
     """sigma chosen at each chunk of every evaluation episode, against the episode's env step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     steps = torch.stack([s for s, _, _ in traces])  # (chunks, N)
     sigmas = torch.stack([g for _, g, _ in traces])
@@ -91,7 +90,7 @@ SIGMA_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 def plot_sigma_over_finetuning(history: list[tuple[int, list[float]]], method: str, path: Path) -> Path:
     """The distribution of the sigma the agent chose while collecting (median, 25-75% and 10-90% bands)
     against the env steps of fine-tuning: the paper expects it to fall as the task is learned."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = np.array([s for s, _ in history])
     q = np.array([v for _, v in history])  # (batches, len(SIGMA_QUANTILES))
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -109,17 +108,17 @@ def plot_sigma_over_finetuning(history: list[tuple[int, list[float]]], method: s
     return path
 
 
-def batch_stats(batch: TensorDict, decoder) -> dict[str, float]:
+def batch_stats(batch: TensorDict, decoder: ChunkDecoder) -> dict[str, float]:
     """Training-side metrics of one collected batch: finished episodes' success, sigma chosen."""
     out: dict[str, float] = {}
-    done = batch["next", "done"].squeeze(-1)
+    done = batch[NEXT, DONE].squeeze(-1)
     if done.any():
-        out["train/episode_success"] = float(batch["next", "success"].squeeze(-1)[done].float().mean())
-    parts = decoder.split(batch[ACTION]) if hasattr(decoder, "split") else {}
+        out["train/episode_success"] = float(batch[NEXT, SUCCESS].squeeze(-1)[done].float().mean())
+    parts = decoder.split(batch[ACTION])
     if "sigma" in parts:
         out["train/sigma_mean"] = float(parts["sigma"].mean())
         out["train/sigma_std"] = float(parts["sigma"].std()) if parts["sigma"].numel() > 1 else 0.0
-    if "sigma" in getattr(decoder, "sizes", {}):  # a learned sigma: its distribution over the batch
+    if "sigma" in decoder.sizes:  # a learned sigma: its distribution over the batch
         quantiles = torch.quantile(parts["sigma"].float(), torch.tensor(SIGMA_QUANTILES))
         out |= {
             f"train/sigma_p{round(100 * q)}": float(v)

@@ -1,4 +1,5 @@
-"""`tmrl fit`: demonstrations -> StateDataModule -> CSPModule -> Trainer -> zero-shot evaluation, in MLflow.
+"""`tmrl fit`: demonstrations -> the task's DataModule -> CSPModule -> Trainer -> zero-shot evaluation, in
+MLflow.
 
 One fit is one MLflow run. Rank zero creates it before training and publishes its id in ``TMRL_RUN_ID`` so
 the processes a multi-device strategy launches log into the same run instead of opening their own.
@@ -17,15 +18,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from app import evaluate_cube as cube_eval
 from app import tracking
 from app.config import flatten, to_yaml
-from app.demos import generate_cube_demos, generate_maze_demos
-from app.evaluate import evaluate_zero_shot, metric_name, plot_paths, plot_success, summary
-from app.schema import DemoConfig, FitConfig, PointCloudDemoConfig
+from app.schema import DemoConfig, FitConfig
+from app.tasks.registry import task_of_context, task_of_env
 from datamodules.episodes import EpisodeStore
-from datamodules.pointcloud import PointCloudDataConfig, PointCloudDataModule
-from datamodules.state import StateDataConfig, StateDataModule
+from datamodules.state import StateDataConfig, WindowDataModule
 from modules.csp import CSPModule
 from modules.nets.policy import CSPPolicy
 
@@ -37,10 +35,9 @@ def _global_rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
-def ensure_demos(
-    data: StateDataConfig | PointCloudDataConfig, demos: DemoConfig, wait_s: float = 3600.0
-) -> EpisodeStore:
-    """Open the episode store at ``data.path``, generating it with the scripted expert if it is missing.
+def ensure_demos(data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.0) -> EpisodeStore:
+    """Open the episode store at ``data.path``, generating it with ``demos.env``'s scripted expert if it is
+    missing.
 
     Only global rank zero generates; other ranks (e.g. started by SLURM) wait for the store to appear.
     """
@@ -56,24 +53,7 @@ def ensure_demos(
             f"`tmrl demos --env {demos.env} --episodes N --out {path}` or set demos.generate=true"
         )
     print(f"[tmrl] {path} not found: generating {demos.episodes} expert episodes on {demos.env}")
-    if isinstance(demos, PointCloudDemoConfig):
-        return generate_cube_demos(
-            env=demos.env,
-            episodes=demos.episodes,
-            out=path,
-            episode_length=demos.episode_length,
-            seed=demos.seed,
-            cube=demos.cube,
-            oracle=demos.oracle,
-        )
-    return generate_maze_demos(
-        env=demos.env,
-        episodes=demos.episodes,
-        out=path,
-        episode_length=demos.episode_length,
-        seed=demos.seed,
-        expert=demos.expert,
-    )
+    return task_of_env(demos.env).generate_demos(demos, path)
 
 
 def _resume_checkpoint(cfg: FitConfig, client) -> tuple[str | None, str | None]:
@@ -132,11 +112,9 @@ def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val:
     return trainer, ckpt
 
 
-def make_datamodule(cfg: FitConfig) -> StateDataModule | PointCloudDataModule:
-    """The data module of ``cfg.data``: point clouds for a point-cloud config, low-dim states otherwise."""
-    if isinstance(cfg.data, PointCloudDataConfig):
-        return PointCloudDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
-    return StateDataModule(cfg.data, chunk_len=cfg.policy.chunk_len, seed=cfg.seed)
+def make_datamodule(cfg: FitConfig) -> WindowDataModule:
+    """The data module of ``cfg.data``, as the task of ``cfg.policy.context_mode`` reads demonstrations."""
+    return task_of_context(cfg.policy.context_mode).datamodule(cfg)
 
 
 def fit(cfg: FitConfig) -> str:
@@ -145,7 +123,9 @@ def fit(cfg: FitConfig) -> str:
     store = ensure_demos(cfg.data, cfg.demos)
     dm = make_datamodule(cfg)
     dm.setup("fit")  # a store that does not match the config is refused here, before any MLflow run
-    policy = CSPPolicy(cfg.policy, obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
+    task = task_of_context(cfg.policy.context_mode)
+    dims = dict(obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
+    policy = CSPPolicy(cfg.policy, **dims, sensor=task.sensor(cfg))  # the sensor travels with the policy
     policy.set_normalization(dm.stats)
     module = CSPModule(policy, cfg.optim)
 
@@ -197,31 +177,12 @@ def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store
     client.log_artifact(run_id, str(policy_path), "checkpoints")
     if not cfg.eval.enabled:
         return
-    if isinstance(cfg.eval, cube_eval.CubeEvalConfig):
-        _evaluate_cube(cfg, client, run_id, policy, module.global_step)
-        return
-    env_name = cfg.eval.env or store.attrs.get("env") or cfg.demos.env
-    results = evaluate_zero_shot(policy, env_name, cfg.eval, progress=cfg.trainer.progress_bar)
-    step = module.global_step
-    for sigma, rollouts in results.items():
-        client.log_metric(run_id, metric_name(sigma), float(rollouts.success.mean()), step=step)
-    for line in summary(results, env_name):
-        print(line)
+    task = task_of_context(cfg.policy.context_mode)
     with tempfile.TemporaryDirectory() as tmp:
-        for plot in (
-            plot_success(results, env_name, Path(tmp) / "zero_shot_success.png"),
-            plot_paths(results, env_name, Path(tmp) / "zero_shot_paths.png"),
-        ):
+        report = task.zero_shot(policy, cfg, store.attrs.get("env"), Path(tmp), cfg.trainer.progress_bar)
+        for name, value in report.metrics.items():
+            client.log_metric(run_id, name, value, step=module.global_step)
+        for line in report.lines:
+            print(line)
+        for plot in report.plots:
             client.log_artifact(run_id, str(plot), "plots")
-
-
-def _evaluate_cube(cfg, client, run_id: str, policy: CSPPolicy, step: int) -> None:
-    """Success@K of a point-cloud policy on the cube task, in the run's cameras and cloud (``demos.cube``)."""
-    results = cube_eval.evaluate_cube(policy, cfg.demos.cube, cfg.eval, progress=cfg.trainer.progress_bar)
-    for name, value in cube_eval.metrics(results).items():
-        client.log_metric(run_id, name, value, step=step)
-    for line in cube_eval.summary(results):
-        print(line)
-    with tempfile.TemporaryDirectory() as tmp:
-        plot = cube_eval.plot_success_at_k(results, Path(tmp) / "zero_shot_success_at_k.png")
-        client.log_artifact(run_id, str(plot), "plots")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
-from modules.nets.policy import LIGHTNING_KEY, CSPPolicy
+from modules.nets.checkpoint import LIGHTNING_KEY, READABLE_VERSIONS, upgrade_v1_state_dict
+from modules.nets.policy import CSPPolicy
 
 
 @dataclass
@@ -88,3 +89,23 @@ class CSPModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the bare policy class reads this key: no Lightning needed to load a pre-trained policy
         checkpoint[LIGHTNING_KEY] = self.ema.to_checkpoint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before Lightning loads ``checkpoint["state_dict"]``: rename a version-1 policy's keys.
+
+        The version is that of the policy checkpoint under ``LIGHTNING_KEY``; version 1 held the context's
+        modules at the policy's top level ("policy.obs_norm.*", "ema.clean_encoder.*", ...).
+        """
+        if LIGHTNING_KEY not in checkpoint:
+            raise ValueError(
+                f"Lightning checkpoint has no {LIGHTNING_KEY!r} entry: it was not written by CSPModule "
+                f"(found keys {sorted(checkpoint)})"
+            )
+        version = checkpoint[LIGHTNING_KEY].get("version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"Lightning checkpoint holds policy checkpoint version {version!r}; this code reads "
+                f"versions {list(READABLE_VERSIONS)}"
+            )
+        if version == 1:
+            checkpoint["state_dict"] = upgrade_v1_state_dict(checkpoint["state_dict"], ("policy.", "ema."))

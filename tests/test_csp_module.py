@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,8 +13,11 @@ import torch
 
 from datamodules.state import StateDataConfig, StateDataModule
 from modules.csp import CSPModule, OptimConfig
-from modules.nets.keys import GOAL, OBS
-from modules.nets.policy import LIGHTNING_KEY, CSPPolicy, PolicyConfig
+from modules.nets.checkpoint import LIGHTNING_KEY, upgrade_v1_state_dict
+from modules.nets.keys import ACTION, GOAL, OBS
+from modules.nets.policy import CSPPolicy, PolicyConfig
+
+V1_CKPT = Path(__file__).resolve().parent / "data" / "lightning_v1.ckpt"  # see tests/data/make_v1_fixtures.py
 
 
 def tiny_module(store, ema_decay=0.9) -> tuple[CSPModule, StateDataModule]:
@@ -110,3 +114,79 @@ def test_sigma_max_bounds_the_training_noise_levels_and_zero_is_plain_bc(synthet
     assert 0.0 < csp.max() <= 0.3 and csp.std() > 0  # U[0, sigma_max]
     with pytest.raises(ValueError, match="optim.sigma_max"):
         OptimConfig(sigma_max=1.5)
+
+
+class _Windows(torch.utils.data.Dataset):
+    """16 random windows for the v1 fixture's policy: d_o 5, d_g 2, L 4, d_a 3."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.rows = [
+            {
+                OBS: torch.randn(5, generator=g),
+                GOAL: torch.randn(2, generator=g),
+                ACTION: torch.rand(4, 3, generator=g),
+            }
+            for _ in range(16)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def resume_v1(tmp_path, max_steps: int, ckpt_path=V1_CKPT) -> tuple[CSPModule, L.Trainer]:
+    policy = CSPPolicy.load(V1_CKPT).train()  # architecture (and EMA weights) from its tmrl_policy entry
+    module = CSPModule(policy, OptimConfig(lr=1e-3, ema_decay=0.9))
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(_Windows(), batch_size=8), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_a_version_1_lightning_state_dict_converts_to_the_module_layout():
+    ckpt = torch.load(V1_CKPT, weights_only=True)
+    assert ckpt[LIGHTNING_KEY]["version"] == 1 and "policy.obs_norm.mean" in ckpt["state_dict"]
+    module = CSPModule(CSPPolicy.load(V1_CKPT), OptimConfig())
+    converted = upgrade_v1_state_dict(ckpt["state_dict"], ("policy.", "ema."))
+    assert set(converted) == set(module.state_dict())
+    assert (
+        "policy.context.clean_encoder.net.0.weight" in converted and "ema.context.goal_norm.std" in converted
+    )
+    module.load_state_dict(converted)  # strict
+    # the EMA half is the policy the Lightning checkpoint carries for the bare class
+    for key, value in CSPPolicy.load(V1_CKPT).state_dict().items():
+        assert torch.equal(module.ema.state_dict()[key], value), key
+
+
+def test_fit_resumes_from_a_version_1_lightning_checkpoint(tmp_path):
+    ckpt = torch.load(V1_CKPT, weights_only=True)
+    converted = upgrade_v1_state_dict(ckpt["state_dict"], ("policy.", "ema."))
+    module, trainer = resume_v1(tmp_path, max_steps=ckpt["global_step"])  # restores, trains no step
+    assert trainer.global_step == 2
+    assert all(torch.equal(v, converted[k]) for k, v in module.state_dict().items())
+    assert trainer.optimizers[0].state  # AdamW moments restored, in the old parameter order
+    for p in module.policy.parameters():
+        assert trainer.optimizers[0].state[p]["exp_avg"].shape == p.shape
+
+    module, trainer = resume_v1(tmp_path, max_steps=3)  # one more step from the old checkpoint
+    assert trainer.global_step == 3
+    assert not torch.equal(module.policy.net.pos_embed, converted["policy.net.pos_embed"])
+    trainer.save_checkpoint(tmp_path / "v2.ckpt")  # and the version-2 checkpoint resumes as it is
+    assert torch.load(tmp_path / "v2.ckpt", weights_only=True)[LIGHTNING_KEY]["version"] == 2
+    _, trainer = resume_v1(tmp_path, max_steps=4, ckpt_path=tmp_path / "v2.ckpt")
+    assert trainer.global_step == 4
+
+
+def test_an_unreadable_lightning_checkpoint_is_refused(tmp_path):
+    module = CSPModule(CSPPolicy.load(V1_CKPT), OptimConfig())
+    ckpt = torch.load(V1_CKPT, weights_only=True)
+    ckpt[LIGHTNING_KEY]["version"] = 7
+    with pytest.raises(ValueError, match=r"policy checkpoint version 7; this code reads versions \[1, 2\]"):
+        module.on_load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="has no 'tmrl_policy' entry"):
+        module.on_load_checkpoint({"state_dict": {}})

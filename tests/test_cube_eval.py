@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from app.config import ConfigError, load_config
-from app.envs.cube import CubeConfig
-from app.evaluate_cube import (
-    CubeEvalConfig,
+from app.tasks.cube.config import CubeConfig, CubeEvalConfig, PointCloudFitConfig
+from app.tasks.cube.evaluate import (
     evaluate_cube,
     metrics,
     plot_success_at_k,
@@ -18,7 +17,6 @@ from app.evaluate_cube import (
     success_at_k,
     summary,
 )
-from app.schema import PointCloudFitConfig
 from modules.nets import CSPPolicy, PolicyConfig
 from modules.nets.keys import GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
@@ -83,6 +81,7 @@ class ScriptedCube:
         self.seeds = list(seeds)
         self.step_count = np.zeros(self.num_envs, int)
         self.success = np.zeros(self.num_envs, bool)
+        self.terminated = self.success  # success ends an episode
         self.truncated = np.zeros(self.num_envs, bool)
 
     def step(self, actions, mask):
@@ -90,15 +89,18 @@ class ScriptedCube:
         self.step_count[mask] += 1
         self.success[mask] = self.step_count[mask] == self.succeed_at[mask]
         self.truncated[mask] = (self.step_count[mask] >= self.max_steps) & ~self.success[mask]
-        return {"terminated": self.success.copy(), "truncated": self.truncated.copy()}
+        reward = self.success.astype(np.float32)
+        return {"reward": reward, "terminated": self.success.copy(), "truncated": self.truncated.copy()}
 
-    def observe_clouds(self, mask):
-        self.rendered.append(mask.copy())
-        return np.random.default_rng(len(self.rendered)).uniform(0.3, 0.5, (self.num_envs, N, 3)).astype("f4")
+    def observe(self, rows):
+        self.rendered.append(rows.copy())
+        rng = np.random.default_rng(len(self.rendered))
+        cloud = rng.uniform(0.3, 0.5, (self.num_envs, N, 3)).astype("f4")
+        return {OBS: self.observation.copy(), GOAL: self.goal.copy(), POINTCLOUD: cloud}
 
 
 def test_rollouts_stop_at_success_or_time_limit_and_render_only_live_rows():
-    cfg = CubeEvalConfig(states=3, rollouts=2, exec_horizon=3, sample_steps=1, max_steps=10)
+    cfg = CubeEvalConfig(states=3, rollouts=2, exec_horizon=3, sample_steps=1, max_episode_steps=10)
     env = ScriptedCube([0, 2, 5, 0, 10, 11], max_steps=10)  # 11 lies past the time limit
     success = rollout_states(tiny_policy(), env, 0.5, cfg, "train")
     np.testing.assert_array_equal(success, [[False, True], [True, False], [True, False]])
@@ -132,7 +134,7 @@ def evaluated():
     policy.sample = recording_sample  # an instance attribute shadows the method
     cfg = CubeEvalConfig(
         sigmas=[0.0, 1.0], variations=["heldout"], states=2, rollouts=2, exec_horizon=2, sample_steps=1,
-        max_steps=4,
+        max_episode_steps=4,
     )  # fmt: skip
     return cfg, evaluate_cube(policy, TINY_CUBE, cfg, progress=False), calls
 
@@ -179,7 +181,7 @@ def test_the_rollouts_of_a_state_share_its_scene_and_states_differ(evaluated):
     [
         ("eval.states=0", "eval.states must be >= 1, got 0"),
         ("eval.rollouts=0", "eval.rollouts must be >= 1, got 0"),
-        ("eval.max_steps=0", "eval.max_steps must be >= 1, got 0"),
+        ("eval.max_episode_steps=0", "eval.max_episode_steps must be >= 1, got 0"),
         ("eval.sigmas=[0,1.5]", "eval.sigmas must be a non-empty list of values in [0, 1]"),
         ("eval.sigmas=[]", "eval.sigmas must be a non-empty list"),
         ("eval.variations=[test]", "eval.variations must be a non-empty list of distinct values"),
@@ -201,7 +203,8 @@ def test_bad_eval_settings_are_refused_naming_the_key(override, message):
     ],
 )
 def test_a_policy_that_cannot_act_is_refused_before_building_envs(cube, cfg, message, monkeypatch):
-    monkeypatch.setattr("app.evaluate_cube.BatchedCube.__init__", lambda *a, **k: pytest.fail("built envs"))
+    never = lambda *a, **k: pytest.fail("built envs")  # noqa: E731
+    monkeypatch.setattr("app.tasks.cube.evaluate.BatchedCube.__init__", never)
     with pytest.raises(ValueError, match=message):
         evaluate_cube(tiny_policy(), cube, cfg, progress=False)
 

@@ -3,6 +3,7 @@ the eps_c code head, the refusals, and `tmrl finetune --from-run <point-cloud ru
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ from torchrl.envs.utils import check_env_specs
 
 from app.base_run import check_compatible
 from app.cli import main
-from app.envs.batched_maze import TaskConfig
-from app.envs.cube import CubeConfig, CubePointCloudEnv
-from app.envs.torchrl_envs import BasePolicyDecoder, make_chunk_env
+from app.envs.decoders import BasePolicyDecoder
+from app.envs.torchrl_envs import make_chunk_env
 from app.finetune import state_keys
+from app.tasks.cube.config import CubeConfig
+from app.tasks.cube.env import CubePointCloudEnv
+from app.tasks.registry import TaskConfig
 from modules.nets.keys import CONTEXT_FEATURE, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
 from modules.nets.policy import CSPPolicy, PolicyConfig
@@ -26,7 +29,8 @@ TINY_FIT = str(ROOT / "configs" / "tiny" / "csp_pointcloud.yaml")
 TINY_FT = str(ROOT / "configs" / "tiny" / "tmrl_cube.yaml")
 P = 32  # points per cloud
 CUBE = CubeConfig(num_points=P, robot_geometry="none", width=48, height=48)
-TASK = TaskConfig(env="cube-single", variation="heldout", max_steps=12)
+SENSOR = dataclasses.asdict(CUBE)  # what a cube policy carries
+TASK = TaskConfig(env="cube-single", variation="heldout", max_episode_steps=12)
 
 
 def cube_policy(code_dim: int = 4) -> CSPPolicy:
@@ -43,7 +47,7 @@ def cube_policy(code_dim: int = 4) -> CSPPolicy:
 
 @pytest.fixture(scope="module")
 def cube_env():
-    env = make_chunk_env(TASK, 2, cube_policy(), "tmrl", exec_horizon=4, seed=0, cube=CUBE)
+    env = make_chunk_env(TASK, 2, cube_policy(), "tmrl", exec_horizon=4, seed=0, sensor=SENSOR)
     yield env
     env.backend.close()
 
@@ -109,7 +113,7 @@ def test_a_cloud_policy_without_a_code_map_is_refused_an_eps_c_head_but_not_dsrl
 
 
 def test_policies_only_fine_tune_on_the_task_kind_they_were_trained_for():
-    with pytest.raises(ValueError, match="point-cloud policies fine-tune on 'cube-single'"):
+    with pytest.raises(ValueError, match=r"context_mode='pointcloud'.*fine-tune it on \['cube-single'\]"):
         check_compatible(cube_policy(), TaskConfig(env="pointmaze-medium"), "run1")
     maze_policy = CSPPolicy(PolicyConfig(width=32, depth=1, heads=2), obs_dim=2, action_dim=2, goal_dim=2)
     with pytest.raises(ValueError, match="does not fit"):
@@ -160,5 +164,5 @@ def test_bench_finetune_on_the_cube_reports_the_point_cloud_figures(tmp_path, ca
             "collect.num_envs=1", "eval.episodes=1"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    for label in ("point clouds alone", "observations/s", "share of a fine-tuning env step", "of the floor"):
+    for label in ("sensor alone", "observations/s", "share of a fine-tuning env step", "of the floor"):
         assert label in out

@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 import zarr
 
-from datamodules.episodes import (
-    EpisodeStore,
-    import_ogbench_npz,
-    read_ogbench_npz,
-    write_episodes,
-)
+from datamodules.episodes import EpisodeStore, write_episodes
+from datamodules.ogbench_npz import import_ogbench_npz, read_ogbench_npz
 
 
 def make_episodes(lengths: list[int], seed: int = 0) -> list[dict[str, np.ndarray]]:

@@ -12,9 +12,10 @@ from tensordict.nn import TensorDictModule
 from app.cli import main
 from app.config import load_config
 from app.envs.torchrl_envs import make_chunk_env
-from app.finetune import ActorPolicy, FinetuneConfig, head_specs, make_agent, make_collector
+from app.finetune import FinetuneConfig, make_collector
 from modules.nets.keys import ACTION, GOAL, OBS
 from modules.nets.policy import CSPPolicy, PolicyConfig
+from modules.tmrl.agent import ActorPolicy, head_specs, make_agent
 from modules.tmrl.loss import make_optimizers, update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,8 @@ def test_one_update_changes_the_agent_and_never_the_frozen_policy(pretrained):
     policy = CSPPolicy.load(tmp / "runs" / parent / "policy.pt")
     frozen = {k: v.clone() for k, v in policy.state_dict().items()}
     env = make_chunk_env(cfg.task, 4, policy, "tmrl", exec_horizon=4, seed=0, steps=2)
-    loss = make_agent(4, head_specs(env.decoder), cfg.agent)
+    heads = head_specs(env.decoder.sizes, cfg.agent, sigma_max=env.decoder.sigma_max, uses_base=True)
+    loss = make_agent(4, heads, cfg.agent)
     optimizers = make_optimizers(loss, lr=1e-2)
     actor = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
     cfg.collect.warmup_chunks = 0
@@ -143,7 +145,8 @@ def test_worker_collector_acts_with_the_updated_weights(pretrained):
     policy = CSPPolicy.load(tmp / "runs" / parent / "policy.pt")
     env_kw = dict(task=cfg.task, num_envs=2, policy=policy, method="tmrl", exec_horizon=4, steps=2)
     env = make_chunk_env(seed=0, **env_kw)
-    loss = make_agent(4, head_specs(env.decoder), cfg.agent)
+    heads = head_specs(env.decoder.sizes, cfg.agent, sigma_max=env.decoder.sigma_max, uses_base=True)
+    loss = make_agent(4, heads, cfg.agent)
     actor = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
     collector = make_collector(
         env, actor, cfg.collect, env_fn=functools.partial(_worker_env, seed=0, **env_kw)
@@ -219,15 +222,19 @@ def test_finetune_resumes_its_run_from_the_checkpoint(store, tmp_path, capsys):
 
 
 def test_evaluation_handles_episodes_that_end_at_different_times(pretrained):
-    from app.envs.batched_maze import TaskConfig
     from app.finetune import evaluate
+    from app.tasks.registry import TaskConfig
 
     tmp, parent = pretrained
     policy = CSPPolicy.load(tmp / "runs" / parent / "policy.pt")
     # goal cell = start cell: some sub-envs start inside the goal radius and finish at once, others do not
-    task = TaskConfig(env="pointmaze-medium", task_id=None, init_ij=[1, 1], goal_ij=[1, 1], max_steps=40)
+    task = TaskConfig(
+        env="pointmaze-medium", task_id=None, init_ij=[1, 1], goal_ij=[1, 1], max_episode_steps=40
+    )
     env = make_chunk_env(task, 6, policy, "dsrl", exec_horizon=4, seed=0, steps=2)
-    loss = make_agent(4, head_specs(env.decoder), load_config(FinetuneConfig, TINY_FT).agent)
+    agent = load_config(FinetuneConfig, TINY_FT).agent
+    heads = head_specs(env.decoder.sizes, agent, sigma_max=env.decoder.sigma_max, uses_base=True)
+    loss = make_agent(4, heads, agent)
     actor = TensorDictModule(ActorPolicy(loss.actor), in_keys=[OBS, GOAL], out_keys=[ACTION])
     first = evaluate(env, actor, max_chunks=11, seed=3)
     assert 0.0 < first <= 1.0
@@ -245,7 +252,7 @@ def _random_walk_pipeline(tmp_path, overrides: list[str]):
         PolicyConfig(chunk_len=4, width=32, depth=1, heads=2), obs_dim=2, action_dim=2, goal_dim=2
     )
     policy.set_normalization(unit_stats(policy))
-    task = ["task.task_id=null", "task.init_ij=[1,1]", "task.goal_ij=[1,1]", "task.max_steps=40"]
+    task = ["task.task_id=null", "task.init_ij=[1,1]", "task.goal_ij=[1,1]", "task.max_episode_steps=40"]
     cfg = load_config(FinetuneConfig, TINY_FT, [*task, "eval.episodes=128", *overrides])
     return cfg, build_pipeline(cfg, policy, tmp_path)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.demos import generate_maze_demos
-from app.envs.maze import (
+from app.tasks.maze.config import ExpertConfig
+from app.tasks.maze.demos import generate_maze_demos
+from app.tasks.maze.env import (
     GOAL_INDICES,
     MAZES,
-    ExpertConfig,
     MazeExpert,
     goal_indices,
     make_maze_env,

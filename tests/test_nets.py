@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from modules.nets import CSPPolicy, PolicyConfig
+from modules.nets import CONTEXTS, CSPPolicy, PolicyConfig
+from modules.nets.contexts import ContextMode
+from modules.nets.encoders import ENCODERS
 from modules.nets.keys import ACTION, GOAL, OBS
 from modules.nets.normalizer import MinMax, ZScore
 from modules.nets.schedule import SCHEDULES, alpha_bar, noise_context
@@ -174,6 +176,70 @@ def test_policy_construction_errors_and_dims() -> None:
         policy.loss(make_batch())
 
 
+def test_the_registry_drives_the_config() -> None:
+    assert list(CONTEXTS) == ["goal", "observation", "pointcloud"]
+    names = str(list(CONTEXTS)).replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=rf"PolicyConfig.context_mode='image'; expected one of {names}"):
+        tiny_config(context_mode="image")
+    with pytest.raises(ValueError, match=r"num_points=4 with context_mode='observation'"):
+        tiny_config(context_mode="observation", num_points=4)  # the mode's own check runs
+
+
+class _LastObsDimContext(ContextMode):
+    """A mode outside the package: only the last observation entry is noised, the rest is clean."""
+
+    def __init__(self, cfg: PolicyConfig, obs_dim: int, goal_dim: int) -> None:
+        super().__init__(cfg, obs_dim, goal_dim)
+        self.clean_encoder = ENCODERS[cfg.encoder](obs_dim - 1 + goal_dim, cfg.width, cfg.width)
+        self.noised_encoder = ENCODERS[cfg.encoder](1, cfg.width // 2, cfg.width)
+        self.noise_shape, self.feature_dim = (1,), cfg.width // 2
+
+    def split(self, batch, dtype):
+        o_n, g_n = self.low_dim(batch, dtype)
+        return torch.cat([o_n[:, :-1], g_n], dim=-1), o_n[:, -1:]
+
+
+def test_a_mode_is_one_class_plus_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(CONTEXTS, "last_obs", _LastObsDimContext)
+    policy = perturb(make_policy("last_obs"))
+    assert policy.context_dim == 1 and policy.feature_dim == 16 and policy.net.feature_dim == 32 + 16
+    obs = make_batch()
+    z = torch.randn(B, L, D_A)
+    assert policy.sample(obs, 0.5, z, torch.randn(B, 1)).shape == (B, L, D_A)
+    assert policy.context_features(obs).shape == (B, 16)
+    ckpt = policy.to_checkpoint()
+    assert ckpt["config"]["context_mode"] == "last_obs"
+    torch.testing.assert_close(
+        CSPPolicy.from_checkpoint(ckpt).sample(obs, 0.5, z, torch.ones(B, 1)),
+        policy.sample(obs, 0.5, z, torch.ones(B, 1)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "goal_dim", "keys"),
+    [("goal", D_G, (OBS, GOAL)), ("observation", D_G, (OBS, GOAL)), ("observation", 0, (OBS,))],
+)
+def test_input_and_stats_keys_per_mode(mode: str, goal_dim: int, keys: tuple) -> None:
+    policy = make_policy(mode, goal_dim=goal_dim)
+    assert policy.input_keys == keys
+    assert policy.stats_keys == set(make_stats(goal=goal_dim > 0))
+    batch = make_batch(goal=goal_dim > 0)
+    # the policy reads exactly its input keys: extra keys are ignored, each missing one is named
+    obs = {k: batch[k] for k in keys}
+    assert policy.sample(obs | {"extra": torch.zeros(1)}, 0.3).shape == (B, L, D_A)
+    for key in keys:
+        with pytest.raises(ValueError, match=f"batch has no key '{key}'"):
+            policy.sample({k: v for k, v in obs.items() if k != key}, 0.3)
+
+
+@pytest.mark.parametrize("mode", ["goal", "observation"])
+def test_low_dim_modes_have_no_context_features(mode: str) -> None:
+    policy = make_policy(mode)
+    assert policy.feature_dim == 0
+    with pytest.raises(ValueError, match=rf"context_mode='{mode}' has no context features \(feature_dim 0\)"):
+        policy.context_features(make_batch())
+
+
 # ---------------------------------------------------------------- policy: loss
 def test_loss_matches_hand_computation(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = make_policy()
@@ -335,12 +401,14 @@ def test_checkpoint_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"notes\.txt"):
         CSPPolicy.load(text)
     ckpt = make_policy().to_checkpoint()
-    ckpt["version"] = 2
+    ckpt["version"] = 3
     future = tmp_path / "future.pt"
     torch.save(ckpt, future)
-    with pytest.raises(ValueError, match=r"future\.pt: policy checkpoint version 2"):
+    with pytest.raises(
+        ValueError, match=r"future\.pt: policy checkpoint version 3; this code reads versions \[1, 2\]"
+    ):
         CSPPolicy.load(future)
-    ckpt["version"] = 1
+    ckpt["version"] = 2
     ckpt["dims"]["obs_dim"] = D_O + 1
     with pytest.raises(ValueError, match="does not match its config and dims"):
         CSPPolicy.from_checkpoint(ckpt)

@@ -1,4 +1,5 @@
-"""Tests for datamodules/offline.py: demonstrations as ChunkEnv-like transitions, and RLPD batch mixing."""
+"""Tests for modules/tmrl/offline.py (demonstrations as ChunkEnv-like transitions, and RLPD batch mixing)
+and app/offline_data.py (reading them from an episode store)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-from app.envs.torchrl_envs import RawDecoder
-from datamodules.episodes import write_episodes
-from datamodules.offline import demo_chunks, mixed_sample
+from app.envs.decoders import RawDecoder
+from app.offline_data import read_demo_arrays
+from datamodules.episodes import EpisodeStore, write_episodes
 from modules.tmrl.actor import ChunkActor, HeadSpec
 from modules.tmrl.critic import CriticEnsemble
 from modules.tmrl.loss import TMRLLoss, make_optimizers, update
+from modules.tmrl.offline import demo_chunks, mixed_sample
 
 H = 4
 GOAL_XY = np.array([6.0, 0.0], np.float32)
@@ -49,9 +51,14 @@ def line_store(tmp_path):
     return write_episodes(tmp_path / "line.zarr", line_episodes(), {"goal_indices": [0, 1]})
 
 
+def store_chunks(store: EpisodeStore, *args, **kwargs) -> TensorDict:
+    """``demo_chunks`` of ``store``'s demonstrations, read as ``build_pipeline`` reads them."""
+    return demo_chunks(*read_demo_arrays(store), *args, source=f"episode store {store.path}", **kwargs)
+
+
 @pytest.fixture
 def chunks(line_store) -> TensorDict:
-    return demo_chunks(line_store, GOAL_XY, TOL, H, success_reward=2.5)
+    return store_chunks(line_store, GOAL_XY, TOL, H, success_reward=2.5)
 
 
 def by_start(td: TensorDict) -> dict[int, int]:
@@ -125,7 +132,7 @@ def test_raw_decoder_reads_back_the_demo_actions(chunks, line_store):
 
 
 def test_stride_one_never_crosses_an_episode_end(line_store):
-    td = demo_chunks(line_store, GOAL_XY, TOL, H, stride=1)
+    td = store_chunks(line_store, GOAL_XY, TOL, H, stride=1)
     starts = td["observation"][:, 3].long()
     episode = td["observation"][:, 2]
     assert torch.equal(td["next", "observation"][:, 2], episode)  # the next state is in the same episode
@@ -142,21 +149,35 @@ def test_errors_name_the_problem(tmp_path, line_store):
     episodes = line_episodes()
     no_action = write_episodes(tmp_path / "a.zarr", [{"observation": episodes[0]["observation"]}])
     with pytest.raises(KeyError, match=r"a\.zarr.*\['action'\]"):
-        demo_chunks(no_action, GOAL_XY, TOL, H)
+        read_demo_arrays(no_action)
     no_goal_idx = write_episodes(tmp_path / "g.zarr", episodes)
     with pytest.raises(KeyError, match=r"g\.zarr.*goal_indices"):
-        demo_chunks(no_goal_idx, GOAL_XY, TOL, H)
-    with pytest.raises(ValueError, match=r"goal has shape \(3,\); expected \(2,\)"):
-        demo_chunks(line_store, np.zeros(3), TOL, H)
+        read_demo_arrays(no_goal_idx)
+    with pytest.raises(ValueError, match=r"goal has shape \(3,\); expected \(2,\).*line\.zarr"):
+        store_chunks(line_store, np.zeros(3), TOL, H)
     for bad in (0, True, 2.0):
         with pytest.raises(ValueError, match="exec_horizon"):
-            demo_chunks(line_store, GOAL_XY, TOL, bad)
+            store_chunks(line_store, GOAL_XY, TOL, bad)
     with pytest.raises(ValueError, match="stride"):
-        demo_chunks(line_store, GOAL_XY, TOL, H, stride=0)
+        store_chunks(line_store, GOAL_XY, TOL, H, stride=0)
     with pytest.raises(ValueError, match="goal_tol"):
-        demo_chunks(line_store, GOAL_XY, -1.0, H)
-    with pytest.raises(ValueError, match="no window"):
-        demo_chunks(line_store, GOAL_XY, TOL, 13)  # longer than every episode
+        store_chunks(line_store, GOAL_XY, -1.0, H)
+    with pytest.raises(ValueError, match=r"no window.*3 episodes of episode store .*line\.zarr"):
+        store_chunks(line_store, GOAL_XY, TOL, 13)  # longer than every episode
+
+
+def test_plain_array_inputs_are_checked(line_store):
+    obs, act, ends, goal_indices = read_demo_arrays(line_store)
+    with pytest.raises(ValueError, match=r"demos: expected flat per-step 'observation' and 'action'"):
+        demo_chunks(obs[:, :, None], act, ends, goal_indices, GOAL_XY, TOL, H, source="demos")
+    for bad_ends in (ends[:-1], ends[::-1], ends.astype(np.float64), ends[:0]):
+        with pytest.raises(ValueError, match="episode_ends"):
+            demo_chunks(obs, act, bad_ends, goal_indices, GOAL_XY, TOL, H)
+    with pytest.raises(ValueError, match="episode_ends"):
+        demo_chunks(obs, act[:-1], ends, goal_indices, GOAL_XY, TOL, H)  # one action row missing
+    for bad_idx in ([], [0, 4], "01", [0.0, 1.0]):
+        with pytest.raises(ValueError, match=r"goal_indices=.*observation dims in \[0, 4\)"):
+            demo_chunks(obs, act, ends, bad_idx, GOAL_XY, TOL, H)
 
 
 def online_buffer(n: int = 16, action_dim: int = H * 2) -> ReplayBuffer:

@@ -11,7 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from app.cli import main
 from app.config import ConfigError, load_config
-from app.schema import FitConfig, PointCloudFitConfig, fit_schema
+from app.schema import FitConfig
+from app.tasks.cube.config import PointCloudFitConfig
+from app.tasks.registry import fit_schema
 from modules.nets.policy import CSPPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +55,7 @@ def test_pointcloud_fit_runs_end_to_end(fitted):
     assert run.data.tags["tmrl.dataset_fingerprint"] and "train/loss" in run.data.metrics
     policy = CSPPolicy.load(tmp / "runs" / run_id / "policy.pt")
     assert policy.cfg.context_mode == "pointcloud" and policy.context_dim == 3 * 32
-    assert policy.cloud_norm.is_set  # the data's cloud centre and scale travel with the policy
+    assert policy.context.cloud_norm.is_set  # the data's cloud centre and scale travel with the policy
     batch = {"observation": torch.zeros(2, policy.obs_dim), "goal": torch.zeros(2, 3),
              "pointcloud": torch.zeros(2, 32, 3)}  # fmt: skip
     assert policy.sample(batch, sigma=0.0, steps=2).shape == (2, 4, 5)
@@ -76,7 +78,8 @@ def test_eval_of_a_pointcloud_run(fitted, capsys):
     tmp, uri, run_id, _ = fitted
     capsys.readouterr()
     out = tmp / "ev"
-    args = ["--uri", uri, "--out", str(out), "eval.sigmas=[0.5]", "eval.rollouts=1", "eval.max_steps=4"]
+    args = ["--uri", uri, "--out", str(out), "eval.sigmas=[0.5]", "eval.rollouts=1"]
+    args += ["eval.max_episode_steps=4"]
     assert main(["eval", "--from-run", run_id, *args]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "zero-shot cube" in ln]
     assert len(lines) == 1 and "heldout sigma=0.5" in lines[0] and "1 states x 1" in lines[0]
@@ -84,19 +87,25 @@ def test_eval_of_a_pointcloud_run(fitted, capsys):
 
 
 def test_a_pre_cube_eval_config_loses_the_maze_eval_keys(tmp_path):
-    """Runs fitted before the cube evaluation stored the maze's eval keys; `tmrl eval` drops them."""
-    from app.cli import _drop_maze_eval_keys
+    """Runs fitted before the cube evaluation stored the maze's eval keys (and eval.max_steps before its
+    rename); `tmrl eval` upgrades the stored config through the cube task."""
+    import yaml
+
+    from app.tasks.registry import TASKS
 
     path = tmp_path / "config.yaml"
     maze_eval = (
         "eval:\n  enabled: false\n  env: null\n  episodes_per_task: 2\n  sigmas: [0.0]\n  exec_horizon: 4\n"
+        "  max_steps: 7\n"
     )
     path.write_text(Path(TINY).read_text().split("\neval:")[0] + "\n" + maze_eval)
     with pytest.raises(ConfigError, match="episodes_per_task"):
         load_config(PointCloudFitConfig, path, ["data.path=x.zarr"])
-    _drop_maze_eval_keys(path)
+    data = TASKS["cube"].upgrade_run_config(yaml.safe_load(path.read_text()))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     cfg = load_config(PointCloudFitConfig, path, ["data.path=x.zarr", "eval.states=3"])
     assert cfg.eval.states == 3 and cfg.eval.sigmas == [0.0] and cfg.eval.exec_horizon == 4
+    assert cfg.eval.max_episode_steps == 7
     assert cfg.policy.chunk_len == 4 and cfg.demos.cube.num_points == 32  # the rest is kept
 
 

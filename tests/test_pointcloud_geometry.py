@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from app.envs.pointcloud import (
+from app.tasks.cube.pointcloud import (
     camera_to_world,
     crop_to_box,
     depth_to_camera_points,
@@ -172,7 +172,8 @@ CAMS = ("front", "left")  # one camera from OGBench's model, one free camera: bo
 
 @pytest.fixture(scope="module")
 def cube_env():
-    from app.envs.cube import CubeConfig, CubePointCloudEnv
+    from app.tasks.cube.config import CubeConfig
+    from app.tasks.cube.env import CubePointCloudEnv
 
     env = CubePointCloudEnv(CubeConfig(cameras=CAMS, num_points=256, width=64, height=64))
     yield env
@@ -180,7 +181,7 @@ def cube_env():
 
 
 def test_cube_config_rejects_bad_values():
-    from app.envs.cube import CubeConfig
+    from app.tasks.cube.config import CubeConfig
 
     with pytest.raises(ValueError, match="cameras must be a non-empty list of"):
         CubeConfig(cameras=("top",))
@@ -244,7 +245,7 @@ def test_cube_variations_keep_the_heldout_region_apart(cube_env):
 
 
 def test_rollout_oracle_episode_writes_as_an_episode_store(cube_env, tmp_path):
-    from app.envs.cube import rollout_oracle
+    from app.tasks.cube.env import rollout_oracle
     from datamodules.episodes import write_episodes
 
     episode = rollout_oracle(cube_env, 12, np.random.default_rng(0))

@@ -130,7 +130,7 @@ def test_pointcloud_config_validation(overrides: dict, match: str) -> None:
 def test_construction_dims_and_normalization_keys() -> None:
     policy = CSPPolicy(tiny_config(), D_O, D_A, D_G)
     assert policy.context_dim == 3 * N and policy.context_code_dim == 0
-    assert policy.clean_encoder.in_dim == D_O + D_G  # the goal sits clean beside the state
+    assert policy.context.clean_encoder.in_dim == D_O + D_G  # the goal sits clean beside the state
     with pytest.raises(ValueError, match=r"missing keys \['pointcloud_center', 'pointcloud_scale'\]"):
         policy.set_normalization({k: v for k, v in make_stats().items() if "pointcloud" not in k})
     goal_policy = CSPPolicy(tiny_config(context_mode="goal", num_points=0), D_O, D_A, D_G)
@@ -145,19 +145,19 @@ def test_sigma_zero_leaves_the_normalized_cloud_unchanged() -> None:
     policy = make_policy()
     batch = make_batch()
     clean, noised = policy.noised_context(batch, torch.zeros(B), torch.randn(B, 3 * N))
-    c = policy.cloud_norm
+    c = policy.context.cloud_norm
     expected = (batch[POINTCLOUD] - c.center) / c.scale
-    assert torch.equal(noised, policy.cloud_norm.normalize(batch[POINTCLOUD]))
+    assert torch.equal(noised, policy.context.cloud_norm.normalize(batch[POINTCLOUD]))
     torch.testing.assert_close(noised, expected)
     assert clean.shape == (B, D_O + D_G)
-    torch.testing.assert_close(clean[:, D_O:], policy.goal_norm.normalize(batch[GOAL]))
+    torch.testing.assert_close(clean[:, D_O:], policy.context.goal_norm.normalize(batch[GOAL]))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_sigma_one_leaves_no_correlation_with_the_cloud(schedule: str) -> None:
     policy = make_policy(schedule=schedule)
     batch = make_batch(b=32)
-    c_n = policy.cloud_norm.normalize(batch[POINTCLOUD])
+    c_n = policy.context.cloud_norm.normalize(batch[POINTCLOUD])
     eps = torch.randn(32, 3 * N, generator=torch.Generator().manual_seed(5))
 
     def noised(sigma: float) -> torch.Tensor:
@@ -179,7 +179,8 @@ def test_loss_and_sample_shapes_and_gradients() -> None:
     loss = policy.loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
-    assert policy.noised_encoder.point_mlp[0].weight.grad.abs().sum() > 0  # the cloud reaches the loss
+    first_layer = policy.context.noised_encoder.point_mlp[0]
+    assert first_layer.weight.grad.abs().sum() > 0  # the cloud reaches the loss
     fixed = dict(sigma=torch.rand(B), tau=torch.rand(B), context_noise=torch.randn(B, 3 * N))
     assert policy.loss(batch, **fixed).shape == ()
     obs = {k: v for k, v in batch.items() if k != ACTION}
@@ -194,9 +195,40 @@ def test_loss_and_sample_shapes_and_gradients() -> None:
 def test_goal_free_pointcloud_policy() -> None:
     policy = perturb(make_policy(goal_dim=0))
     batch = make_batch(goal=False)
-    assert policy.clean_encoder.in_dim == D_O
+    assert policy.context.clean_encoder.in_dim == D_O
     assert policy.sample(batch, 0.5).shape == (B, L, D_A)
     assert torch.isfinite(policy.loss(batch))
+
+
+def test_input_and_stats_keys() -> None:
+    assert make_policy().input_keys == (OBS, GOAL, POINTCLOUD)
+    assert make_policy(goal_dim=0).input_keys == (OBS, POINTCLOUD)
+    assert make_policy().stats_keys == set(make_stats())
+    assert make_policy(goal_dim=0).stats_keys == set(make_stats(goal=False))
+
+
+def test_context_features_are_the_pointnet_of_the_clean_cloud() -> None:
+    policy = perturb(make_policy()).train()
+    batch = make_batch()
+    assert policy.feature_dim == 32  # cfg.width, the PointNet's output
+    feats = policy.context_features(batch)
+    assert feats.shape == (B, 32) and feats.dtype == torch.float32 and not feats.requires_grad
+    assert torch.equal(policy.context_features(batch), feats)  # deterministic
+    _, clean_cloud = policy.noised_context(batch, torch.zeros(B), torch.randn(B, 3 * N))
+    assert torch.equal(feats, policy.context.noised_encoder(clean_cloud).detach())  # sigma = 0
+    # the cloud alone, in any order, row by row: not the state, not the goal
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    shuffled = batch | {POINTCLOUD: batch[POINTCLOUD][:, perm]}
+    torch.testing.assert_close(policy.context_features(shuffled), feats, atol=1e-6, rtol=0)
+    assert torch.equal(
+        policy.context_features(batch | {OBS: batch[OBS] + 1.0, GOAL: batch[GOAL] - 1.0}), feats
+    )
+    assert (policy.context_features(batch | {POINTCLOUD: make_clouds(B, seed=7)}) - feats).abs().max() > 1e-3
+    torch.testing.assert_close(policy.context_features({k: v[:3] for k, v in batch.items()}), feats[:3])
+    with pytest.raises(ValueError, match="batch has no key 'pointcloud'"):
+        policy.context_features({k: v for k, v in batch.items() if k != POINTCLOUD})
+    with pytest.raises(ValueError, match=r"batch\['pointcloud'\] has 32 points per cloud"):
+        policy.context_features(batch | {POINTCLOUD: make_clouds(B, n=32)})
 
 
 def test_cloud_matters_at_sigma_zero_not_at_one_and_order_does_not() -> None:
@@ -264,9 +296,11 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path: Path) -> None:
     loaded = CSPPolicy.load(tmp_path / "policy.pt")
     assert not loaded.training and loaded.cfg == policy.cfg and loaded.context_dim == 3 * N
     saved, again = policy.state_dict(), loaded.state_dict()
-    assert set(saved) == set(again) and {"cloud_norm.center", "cloud_norm.scale", "code_map.weight"} <= set(
-        saved
-    )
+    assert set(saved) == set(again) and {
+        "context.cloud_norm.center",
+        "context.cloud_norm.scale",
+        "code_map.weight",
+    } <= set(saved)
     assert all(torch.equal(saved[k], again[k]) for k in saved)
     assert torch.equal(loaded.sample(obs, 0.4, z, eps), expected)
     assert torch.equal(

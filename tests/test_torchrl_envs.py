@@ -8,15 +8,11 @@ import torch
 from tensordict.nn import TensorDictModule
 from torchrl.envs.utils import check_env_specs
 
-from app.envs.batched_maze import BatchedMaze, TaskConfig
-from app.envs.torchrl_envs import (
-    METHODS,
-    BasePolicyDecoder,
-    ChunkEnv,
-    MazeEnv,
-    RawDecoder,
-    make_chunk_env,
-)
+from app.envs.decoders import BasePolicyDecoder, RawDecoder
+from app.envs.torchrl_envs import ChunkEnv, MazeEnv, make_chunk_env
+from app.methods import METHODS
+from app.tasks.maze.backend import BatchedMaze
+from app.tasks.registry import TaskConfig
 from modules.nets.keys import GOAL, OBS
 from modules.nets.policy import CSPPolicy, PolicyConfig
 
@@ -71,8 +67,8 @@ def constant_actor(action: torch.Tensor) -> TensorDictModule:
         (dict(task_id=6), "task_id=6"),
         (dict(task_id=None, init_ij=[1, 1]), "needs both init_ij and goal_ij"),
         (dict(goal_ij=[1]), r"goal_ij=\[1\]"),
-        (dict(max_steps=0), "max_steps=0"),
-        (dict(env="pointmaze-lrge"), "unknown maze environment"),
+        (dict(max_episode_steps=0), "max_episode_steps=0"),
+        (dict(env="pointmaze-lrge"), "unknown environment"),
     ],
 )
 def test_task_config_validates(kwargs: dict, match: str) -> None:
@@ -96,7 +92,8 @@ def test_cells_must_be_free(kwargs: dict, match: str) -> None:
 def test_task_cells_and_overrides() -> None:
     maze = BatchedMaze(TaskConfig(task_id=1, goal_ij=[1, 2]), num_envs=2)
     assert maze.init_ij == (1, 1) and maze.goal_ij == (1, 2)  # task 1 starts at (1, 1); goal overridden
-    obs, goal = maze.reset()
+    maze.reset()
+    obs, goal = maze.observation.copy(), maze.goal.copy()
     # cell (i, j) has centre xy = (4 j - 4, 4 i - 4); OGBench jitters by at most 1 per axis
     np.testing.assert_allclose(obs, [[0.0, 0.0]] * 2, atol=1.0 + 1e-5)
     np.testing.assert_allclose(goal, [[4.0, 0.0]] * 2, atol=1.0 + 1e-5)
@@ -107,11 +104,14 @@ def test_task_cells_and_overrides() -> None:
 
 
 def test_batched_maze_is_seeded_and_masks_steps() -> None:
-    task = TaskConfig(max_steps=3)
+    task = TaskConfig(max_episode_steps=3)
     a, b, c = BatchedMaze(task, 2, seed=5), BatchedMaze(task, 2, seed=5), BatchedMaze(task, 2, seed=6)
-    obs_a, goal_a = a.reset()
-    obs_b, goal_b = b.reset()
-    obs_c, _ = c.reset()
+    a.reset()
+    obs_a, goal_a = a.observation.copy(), a.goal.copy()
+    b.reset()
+    obs_b, goal_b = b.observation.copy(), b.goal.copy()
+    c.reset()
+    obs_c, _ = c.observation.copy(), c.goal.copy()
     np.testing.assert_array_equal(obs_a, obs_b)
     np.testing.assert_array_equal(goal_a, goal_b)
     assert not np.allclose(obs_a, obs_c)
@@ -135,14 +135,14 @@ def test_batched_maze_is_seeded_and_masks_steps() -> None:
 
 
 def test_maze_env_specs() -> None:
-    env = MazeEnv(TaskConfig(max_steps=2), num_envs=3, seed=0)
+    env = MazeEnv(TaskConfig(max_episode_steps=2), num_envs=3, seed=0)
     assert env.action_spec.shape == (3, 2)
     check_env_specs(env, break_when_any_done="both")  # max_steps 2: the rollout of 3 crosses a reset
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_chunk_env_specs(method: str, policy: CSPPolicy) -> None:
-    env = make_chunk_env(TaskConfig(max_steps=6), 3, policy, method, exec_horizon=4, seed=0)
+    env = make_chunk_env(TaskConfig(max_episode_steps=6), 3, policy, method, exec_horizon=4, seed=0)
     want = {"tmrl": 2 + 1 + 2, "fixed_sigma": 2 + 2, "dsrl": 2, "sac": 4 * 2, "rlpd": 4 * 2}[method]
     assert env.action_spec.shape == (3, want)
     check_env_specs(env, break_when_any_done="both")
@@ -152,7 +152,7 @@ def test_chunk_env_specs(method: str, policy: CSPPolicy) -> None:
 
 
 def test_truncation_keeps_the_true_final_observation() -> None:
-    task, step_action = TaskConfig(max_steps=10), np.array([0.3, -0.2], np.float32)
+    task, step_action = TaskConfig(max_episode_steps=10), np.array([0.3, -0.2], np.float32)
     env = make_chunk_env(task, 2, None, "sac", exec_horizon=4, seed=3)
     actor = constant_actor(torch.as_tensor(np.tile(step_action, 4), dtype=torch.float32))
     td = env.rollout(4, actor, break_when_any_done=False)  # (N, 4): chunks of 4, 4, 2, then a new episode
@@ -161,7 +161,8 @@ def test_truncation_keeps_the_true_final_observation() -> None:
     ref = BatchedMaze(task, 2, seed=3)
     ref.reset()
     lows = [ref.step(np.tile(step_action, (2, 1)), np.ones(2, bool))["observation"] for _ in range(10)]
-    reset_obs, _ = ref.reset()
+    ref.reset()
+    reset_obs, _ = ref.observation.copy(), ref.goal.copy()
 
     assert td["next", "env_steps"][..., 0].tolist() == [[4, 4, 2, 4]] * 2
     assert td["next", "truncated"][..., 0].tolist() == [[False, False, True, False]] * 2
@@ -176,6 +177,13 @@ class GoalSeeker:
     """Test decoder: a constant chunk heading from the observation straight for the goal."""
 
     action_dim, chunk_len, env_action_dim = 2, 16, 2
+    sizes, uses_base, sigma_max, feature_dim = {"action": 2}, False, 1.0, 0
+
+    def split(self, action: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"action": action}
+
+    def features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.zeros(obs[OBS].shape[0], 0)
 
     def __call__(self, action: torch.Tensor, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         step = (obs[GOAL] - obs[OBS]) / 0.8
@@ -184,12 +192,13 @@ class GoalSeeker:
 
 def test_termination_stops_a_chunk_early() -> None:
     # start and goal in the same cell: every sub-env reaches the goal within a few steps of one chunk
-    task = TaskConfig(task_id=None, init_ij=[1, 1], goal_ij=[1, 1], max_steps=100)
+    task = TaskConfig(task_id=None, init_ij=[1, 1], goal_ij=[1, 1], max_episode_steps=100)
     env = ChunkEnv(task, 4, GoalSeeker(), exec_horizon=16, seed=1)
     td = env.rollout(1, break_when_any_done=False)
 
     ref = BatchedMaze(task, 4, seed=1)
-    obs, goal = ref.reset()
+    ref.reset()
+    obs, goal = ref.observation.copy(), ref.goal.copy()
     chunk = GoalSeeker()(None, {OBS: torch.from_numpy(obs), GOAL: torch.from_numpy(goal)}).numpy()
     first_success, final_obs = np.zeros(4, np.int64), np.zeros((4, 2), np.float32)
     for t in range(16):
@@ -208,7 +217,7 @@ def test_termination_stops_a_chunk_early() -> None:
 
 
 def test_env_steps_count_every_real_step(policy: CSPPolicy) -> None:
-    env = make_chunk_env(TaskConfig(max_steps=10), 3, policy, "tmrl", exec_horizon=4, seed=0)
+    env = make_chunk_env(TaskConfig(max_episode_steps=10), 3, policy, "tmrl", exec_horizon=4, seed=0)
     calls = [0]
     for maze in env.backend._mazes:
         inner = maze.step
@@ -232,7 +241,7 @@ def test_chunk_env_refuses_a_horizon_longer_than_the_chunk(policy: CSPPolicy) ->
 def test_policy_is_bit_identical_after_rollouts(policy: CSPPolicy) -> None:
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     for method in ("tmrl", "fixed_sigma", "dsrl"):
-        make_chunk_env(TaskConfig(max_steps=8), 2, policy, method, exec_horizon=4).rollout(5)
+        make_chunk_env(TaskConfig(max_episode_steps=8), 2, policy, method, exec_horizon=4).rollout(5)
     after = policy.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -19,16 +19,9 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from torch import Tensor
 from torchrl.objectives import LossModule, SoftUpdate
 
-from modules.nets.keys import ACTION, CONTEXT_FEATURE, GOAL, OBS
+from modules.nets.keys import ACTION, CONTEXT_FEATURE, ENV_STEPS, GOAL, NEXT, OBS, REWARD, TERMINATED
 from modules.tmrl.actor import ChunkActor, HeadSpec
 from modules.tmrl.critic import CriticEnsemble
-
-# Transition keys beyond modules.nets.keys (TorchRL's own names for them).
-NEXT = "next"
-REWARD = "reward"  # (B, 1) sum of the chunk's env rewards
-TERMINATED = "terminated"  # (B, 1) bool, task success: the only thing that stops bootstrapping
-ENV_STEPS = "env_steps"  # (B, 1) int, real env steps this chunk ran (the discount exponent)
-
 
 # What the high-level agent sees, in the order it is concatenated; keys after OBS are optional.
 STATE_KEYS = (OBS, GOAL, CONTEXT_FEATURE)

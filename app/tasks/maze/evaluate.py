@@ -13,37 +13,22 @@ An episode ends at success (OGBench terminates at the goal) or at the time limit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from app.tasks.registry import TaskConfig
 from tqdm import tqdm
 
-from app.envs.maze import make_maze_env
-from modules.nets.keys import GOAL, OBS
+from app.plots import pyplot
+from app.tasks.maze.backend import NUM_TASKS, BatchedMaze
+from app.tasks.maze.config import EvalConfig
+from app.tasks.maze.env import make_maze_env
+from app.tasks.rollout import policy_sampler, rollout
 from modules.nets.policy import CSPPolicy
 
-NUM_TASKS = 5  # OGBench's fixed evaluation tasks per maze
-
-
-@dataclass
-class EvalConfig:
-    """Zero-shot evaluation run at the end of pre-training."""
-
-    enabled: bool = True
-    env: str | None = None  # None: the environment the demonstrations came from
-    sigmas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    episodes_per_task: int = 2
-    exec_horizon: int = 8  # actions executed open loop from each sampled chunk
-    sample_steps: int = 10  # K Euler steps
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if any(not 0.0 <= s <= 1.0 for s in self.sigmas):
-            raise ValueError(f"eval.sigmas must lie in [0, 1], got {self.sigmas}")
-        if self.episodes_per_task < 1 or self.exec_horizon < 1 or self.sample_steps < 1:
-            raise ValueError("eval.episodes_per_task, eval.exec_horizon and eval.sample_steps must be >= 1")
+EVAL_EPISODE_STEPS = 1000  # OGBench's time limit of its maze evaluation episodes
 
 
 def metric_name(sigma: float) -> str:
@@ -60,7 +45,6 @@ class Rollouts:
     goals: np.ndarray  # (NUM_TASKS * episodes_per_task, 2)
 
 
-@torch.no_grad()
 def rollout_tasks(
     policy: CSPPolicy, env_name: str, sigma: float, cfg: EvalConfig, progress: bool = False
 ) -> Rollouts:
@@ -70,41 +54,23 @@ def rollout_tasks(
             f"eval.exec_horizon={cfg.exec_horizon} exceeds policy chunk_len={policy.cfg.chunk_len}"
         )
     pairs = [(t, e) for t in range(1, NUM_TASKS + 1) for e in range(cfg.episodes_per_task)]
-    envs = [make_maze_env(env_name) for _ in pairs]
-    obs, goals = [], []
-    for env, (task, ep) in zip(envs, pairs, strict=True):
-        seed = cfg.seed * 10_000 + task * 100 + ep
-        np.random.seed(seed)  # OGBench draws start/goal jitter from the global numpy RNG
-        ob, info = env.reset(seed=seed, options=dict(task_id=task, render_goal=False))
-        obs.append(ob)
-        goals.append(info["goal"])
-    obs, goals = np.asarray(obs, np.float32), np.asarray(goals, np.float32)
-    paths = [[ob.copy()] for ob in obs]
-    live = np.ones(len(pairs), bool)
-    success = np.zeros(len(pairs), bool)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(desc=f"eval sigma={sigma:g}", total=len(pairs), disable=not progress, leave=False)
-    while live.any():
-        idx = np.flatnonzero(live)
-        batch = {OBS: torch.from_numpy(obs[idx])}
-        if policy.goal_dim:
-            batch[GOAL] = torch.from_numpy(goals[idx])
-        z = torch.randn((len(idx), policy.cfg.chunk_len, policy.action_dim), generator=gen)
-        eps_c = torch.randn((len(idx), policy.context_dim), generator=gen)
-        chunk = policy.sample(batch, sigma, action_noise=z, context_noise=eps_c, steps=cfg.sample_steps)
-        chunk = chunk[:, : cfg.exec_horizon].numpy()
-        for row, k in enumerate(idx):
-            for action in chunk[row]:
-                ob, _, terminated, truncated, info = envs[k].step(action)
-                obs[k] = ob
-                paths[k].append(ob[:2].copy())
-                if terminated or truncated:
-                    success[k] = bool(info.get("success", 0.0))
-                    live[k] = False
-                    bar.update(1)
-                    break
-    bar.close()
-    for env in envs:
+    # OGBench's own time limit; each row's start and goal are its evaluation task's
+    target = TaskConfig(env=env_name, task_id=1, max_episode_steps=EVAL_EPISODE_STEPS)
+    env = BatchedMaze(target, len(pairs), seed=cfg.seed)
+    try:
+        seeds = [cfg.seed * 10_000 + task * 100 + ep for task, ep in pairs]
+        env.reset(seeds=seeds, task_ids=[task for task, _ in pairs])
+        paths = [[ob[:2].copy()] for ob in env.observation]
+        goals = env.goal.copy()
+
+        def record(rows: np.ndarray) -> None:
+            for k in rows:
+                paths[k].append(env.observation[k, :2].copy())
+
+        sample = policy_sampler(policy, sigma, torch.Generator().manual_seed(cfg.seed), cfg.sample_steps)
+        with tqdm(desc=f"eval sigma={sigma:g}", total=len(pairs), disable=not progress, leave=False) as bar:
+            success = rollout(env, sample, cfg.exec_horizon, on_step=record, on_done=bar.update)
+    finally:
         env.close()
     return Rollouts(success.reshape(NUM_TASKS, cfg.episodes_per_task), [np.asarray(p) for p in paths], goals)
 
@@ -129,18 +95,9 @@ def summary(results: dict[float, Rollouts], env_name: str) -> list[str]:
     return lines
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on training machines
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_success(results: dict[float, Rollouts], env_name: str, path: str | Path) -> Path:
     """Bar plot: success rate per evaluation task, one group of bars per sigma."""
-    plt = _pyplot()
+    plt = pyplot()
     results = {s: r.success for s, r in results.items()}
     sigmas = sorted(results)
     width = 0.8 / len(sigmas)
@@ -165,7 +122,7 @@ def plot_paths(results: dict[float, Rollouts], env_name: str, path: str | Path) 
     """The maze from above, one panel per sigma: each episode's path (colour = task), goals as stars."""
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
+    plt = pyplot()
     maze = make_maze_env(env_name).unwrapped
     unit = float(maze._maze_unit)
     walls = np.argwhere(np.asarray(maze.maze_map) == 1)

@@ -22,11 +22,12 @@ import difflib
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import gymnasium
 import numpy as np
+
+from app.tasks.maze.config import ExpertConfig
 
 # Short name -> OGBench id. The "navigate" dataset id is what ogbench.make_env_and_datasets expects; with
 # env_only=True it only builds the environment (no download).
@@ -77,37 +78,6 @@ def goal_indices(name: str) -> list[int]:
     """Observation dims that form the goal space of maze ``name`` (validated against :data:`MAZES`)."""
     resolve_maze(name)
     return list(GOAL_INDICES)
-
-
-@dataclass
-class ExpertConfig:
-    """Parameters of the scripted waypoint expert.
-
-    Attributes:
-        noise_std: std of the Gaussian noise added to each action component (before clipping to [-1, 1]).
-        gain: length of the noiseless action (the unit direction to the next waypoint is scaled by it).
-        goal_tol: distance (xy units) at which a goal counts as reached and a new one is drawn; 1.0 is the
-            environment's own success tolerance for the point mass.
-        goal_jitter: random goals are a free cell's centre plus a uniform offset in
-            [-goal_jitter, goal_jitter] per axis; 1.0 matches the jitter OGBench puts on its evaluation
-            goals (maze_unit / 4).
-    """
-
-    noise_std: float = 0.3
-    gain: float = 1.0
-    goal_tol: float = 1.0
-    goal_jitter: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.noise_std < 0:
-            raise ValueError(f"ExpertConfig.noise_std must be >= 0, got {self.noise_std}")
-        if not 0 < self.gain <= 1:
-            raise ValueError(f"ExpertConfig.gain must be in (0, 1] (actions lie in [-1, 1]), got {self.gain}")
-        if self.goal_tol <= 0:
-            raise ValueError(f"ExpertConfig.goal_tol must be > 0, got {self.goal_tol}")
-        if not 0 <= self.goal_jitter < 2:
-            # The maze unit is 4: a jitter of 2 or more could put the goal inside a neighbouring wall.
-            raise ValueError(f"ExpertConfig.goal_jitter must be in [0, 2), got {self.goal_jitter}")
 
 
 class MazeExpert:
@@ -247,13 +217,14 @@ def _bfs(walls: np.ndarray, goal_ij: tuple[int, int]) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def seeded_global_numpy(rng: np.random.Generator) -> Iterator[None]:
-    """Seed the global ``np.random`` from ``rng`` inside the block, then restore its previous state.
+def seeded_global_numpy(rng: np.random.Generator | None, seed: int | None = None) -> Iterator[None]:
+    """Seed the global ``np.random`` from ``rng`` (or with ``seed`` itself, if given) inside the block, then
+    restore its previous state.
 
     OGBench's maze uses the global generator for start/goal jitter and teleports (see module docstring).
     """
     state = np.random.get_state()
-    np.random.seed(int(rng.integers(2**32)))
+    np.random.seed(seed if seed is not None else int(rng.integers(2**32)))
     try:
         yield
     finally:

@@ -1,5 +1,5 @@
 """N point-cloud cube envs stepped together at the numpy level: the backend of cube fine-tuning and of the
-cube's zero-shot evaluation (the counterpart of :class:`app.envs.batched_maze.BatchedMaze`).
+cube's zero-shot evaluation (the counterpart of :class:`app.tasks.maze.backend.BatchedMaze`).
 
 Rendering is the expensive part (one depth render per camera, ~25 ms each), so physics steps never render:
 ``pointcloud`` rows are marked stale by ``step``/``reset`` and rendered only when ``observe_clouds`` is
@@ -15,8 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from app.envs.batch import SubEnvBatch
-from app.envs.cube import ACTION_DIM, GOAL_DIM, PROPRIO_DIM, CubeConfig, CubePointCloudEnv
+from app.tasks.base import SubEnvBatch
+from app.tasks.cube.config import ACTION_DIM, GOAL_DIM, PROPRIO_DIM, CubeConfig
+from app.tasks.cube.env import CubePointCloudEnv
+from modules.nets.keys import GOAL, OBS, POINTCLOUD
 
 
 class BatchedCube(SubEnvBatch):
@@ -37,7 +39,7 @@ class BatchedCube(SubEnvBatch):
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"BatchedCube num_envs={num_envs!r}; expected an integer >= 1")
         self.config, self.num_envs = config, num_envs
-        self.max_steps = config.max_episode_steps
+        self.max_episode_steps = config.max_episode_steps
         self._envs = [CubePointCloudEnv(config) for _ in range(num_envs)]
         n, p = num_envs, config.num_points
         self.observation = np.zeros((n, self.obs_dim), np.float32)
@@ -92,7 +94,7 @@ class BatchedCube(SubEnvBatch):
         self.reward[idx] = self.success[idx]
         self.terminated[idx] = self.success[idx]
         # a time limit reached on the very step that succeeds is a success, not a truncation
-        self.truncated[idx] = (self.step_count[idx] >= self.max_steps) & ~self.success[idx]
+        self.truncated[idx] = (self.step_count[idx] >= self.max_episode_steps) & ~self.success[idx]
         return {k: getattr(self, k).copy() for k in ("reward", "terminated", "truncated", "success")}
 
     def observe_clouds(self, mask: np.ndarray | None = None, force: bool = False) -> np.ndarray:
@@ -103,6 +105,12 @@ class BatchedCube(SubEnvBatch):
             self.pointcloud[k] = self._envs[k].pointcloud()
             self._stale[k] = False
         return self.pointcloud.copy()
+
+    def observe(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Copies of OBS (N, 19), GOAL (N, 3) and POINTCLOUD (N, P, 3) (the stale clouds of ``rows``, all
+        if None, rendered first; other rows' clouds may be stale)."""
+        cloud = self.observe_clouds(rows)
+        return {OBS: self.observation.copy(), GOAL: self.goal.copy(), POINTCLOUD: cloud}
 
     def close(self) -> None:
         """Free every sub-env's renderer and simulation."""

@@ -9,59 +9,25 @@ row s * K + k being state s's k-th rollout::
     reset seed seed(0) ...  seed(0)   | seed(1)  | ... | seed(S-1)       (one scene per state)
 
 Each loop iteration renders the clouds of the live rows, samples one chunk per live row, and runs its
-first ``exec_horizon`` actions open loop (the timeline in app/evaluate.py); a row stops at success
-(terminated) or at ``max_steps`` (truncated). The envs of a variation are built once and reset with the
-same seeds for every sigma, so every sigma faces the same S scenes.
+first ``exec_horizon`` actions open loop (``app.tasks.rollout``); a row stops at success (terminated) or
+at ``max_episode_steps`` (truncated). The envs of a variation are built once and reset with the same seeds
+for every sigma, so every sigma faces the same S scenes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.envs.batched_cube import BatchedCube
-from app.envs.cube import VARIATIONS, CubeConfig
-from app.evaluate import _pyplot
-from modules.nets.keys import GOAL, OBS, POINTCLOUD
+from app.plots import pyplot
+from app.tasks.cube.backend import BatchedCube
+from app.tasks.cube.config import VARIATIONS, CubeConfig, CubeEvalConfig
+from app.tasks.rollout import policy_sampler, rollout
 from modules.nets.policy import CSPPolicy
-
-
-@dataclass
-class CubeEvalConfig:
-    """Zero-shot Success@K evaluation on the point-cloud cube task (run at the end of pre-training)."""
-
-    enabled: bool = True
-    sigmas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    variations: list[str] = field(default_factory=lambda: list(VARIATIONS))  # CubeConfig.variation values
-    # S * K rollouts per (variation, sigma); at ~0.35 rollouts/s on 2 cores (a cloud render per chunk
-    # dominates), 2 variations x 5 sigmas x 8 x 3 x 200 steps take up to ~15 minutes
-    states: int = 8  # S fixed initial states per variation
-    rollouts: int = 3  # K_max independent rollouts per state (fresh z and eps_c each)
-    exec_horizon: int = 8  # actions executed open loop from each sampled chunk
-    sample_steps: int = 10  # Euler steps per chunk
-    max_steps: int = 200  # env steps per rollout (replaces demos.cube.max_episode_steps)
-    seed: int = 0  # fixes the S scenes of each variation and the noise draws
-
-    def __post_init__(self) -> None:
-        for name in ("states", "rollouts", "exec_horizon", "sample_steps", "max_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"eval.{name} must be >= 1, got {value!r}")
-        if not self.sigmas or any(not 0.0 <= s <= 1.0 for s in self.sigmas):
-            raise ValueError(f"eval.sigmas must be a non-empty list of values in [0, 1], got {self.sigmas}")
-        if len(set(self.sigmas)) != len(self.sigmas):
-            raise ValueError(f"eval.sigmas has duplicates: {self.sigmas}")
-        bad = [v for v in self.variations if v not in VARIATIONS]
-        if not self.variations or bad or len(set(self.variations)) != len(self.variations):
-            raise ValueError(
-                f"eval.variations must be a non-empty list of distinct values from {list(VARIATIONS)}, "
-                f"got {self.variations}"
-            )
 
 
 def state_seeds(cfg: CubeEvalConfig, variation: str) -> list[int]:
@@ -72,7 +38,7 @@ def state_seeds(cfg: CubeEvalConfig, variation: str) -> list[int]:
 
 def eval_cube_config(cube: CubeConfig, cfg: CubeEvalConfig, variation: str) -> CubeConfig:
     """The run's cube settings (cameras, cloud) with the evaluated variation and time limit."""
-    return dataclasses.replace(cube, variation=variation, max_episode_steps=cfg.max_steps)
+    return dataclasses.replace(cube, variation=variation, max_episode_steps=cfg.max_episode_steps)
 
 
 def _check_policy(policy: CSPPolicy, cube: CubeConfig, cfg: CubeEvalConfig) -> None:
@@ -102,36 +68,13 @@ def rollout_states(
         raise ValueError(f"BatchedCube of {env.num_envs} sub-envs; eval needs states * rollouts = {s * k}")
     _check_policy(policy, env.config, cfg)
     env.reset(seeds=np.repeat(state_seeds(cfg, variation), k))
-    device = next(policy.parameters()).device
     # the same noise stream for every sigma (common random numbers across the sigma sweep)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + VARIATIONS.index(variation))
-    live = np.ones(env.num_envs, bool)
-    actions = np.zeros((env.num_envs, env.action_dim), np.float32)
+    sample = policy_sampler(policy, sigma, gen, cfg.sample_steps)
     desc = f"eval {variation} sigma={sigma:g}"
-    bar = tqdm(desc=desc, total=env.num_envs, disable=not progress, leave=False)
-    while live.any():
-        idx = np.flatnonzero(live)
-        clouds = env.observe_clouds(live)[idx]  # (B, P, 3), rendered for the live rows only
-        batch = {OBS: torch.from_numpy(env.observation[idx]), POINTCLOUD: torch.from_numpy(clouds)}
-        if policy.goal_dim:
-            batch[GOAL] = torch.from_numpy(env.goal[idx])
-        batch = {key: v.to(device) for key, v in batch.items()}
-        z = torch.randn((len(idx), policy.cfg.chunk_len, policy.action_dim), generator=gen)
-        eps_c = torch.randn((len(idx), policy.context_dim), generator=gen)
-        chunk = policy.sample(
-            batch, sigma, action_noise=z.to(device), context_noise=eps_c.to(device), steps=cfg.sample_steps
-        )
-        chunk = chunk[:, : cfg.exec_horizon].cpu().numpy()  # (B, H, 5)
-        for h in range(cfg.exec_horizon):
-            actions[idx] = chunk[:, h]
-            out = env.step(actions, live)
-            done = out["terminated"] | out["truncated"]
-            bar.update(int((done & live).sum()))
-            live &= ~done
-            if not live.any():
-                break
-    bar.close()
-    return env.success.reshape(s, k).copy()
+    with tqdm(desc=desc, total=env.num_envs, disable=not progress, leave=False) as bar:
+        success = rollout(env, sample, cfg.exec_horizon, on_done=bar.update)
+    return success.reshape(s, k)
 
 
 def success_at_k(success: np.ndarray) -> np.ndarray:
@@ -194,7 +137,7 @@ def _plotted_ks(k_max: int) -> list[int]:
 
 def plot_success_at_k(results: dict[tuple[str, float], np.ndarray], path: str | Path) -> Path:
     """One panel per variation: Success@K against sigma, one line per K (1, 2, 4, ..., K_max)."""
-    plt = _pyplot()
+    plt = pyplot()
     variations = list(dict.fromkeys(v for v, _ in results))
     fig, axes = plt.subplots(1, len(variations), figsize=(4.2 * len(variations), 3.4), squeeze=False)
     for ax, variation in zip(axes[0], variations, strict=True):

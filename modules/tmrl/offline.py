@@ -28,6 +28,9 @@ tail never affects the transition, exactly as online.
 The last action of an episode has no stored next state (OGBench records no state after it), so a
 window ending at the episode's end is dropped, UNLESS success occurs before its last action: then every
 state the transition needs is stored, and those rare successful windows are the reward signal.
+
+The demonstrations come as plain arrays (the app reads them from its episode store), so this module
+depends on no data-loading code.
 """
 
 from __future__ import annotations
@@ -41,12 +44,18 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import ReplayBuffer
 
-from datamodules.episodes import EpisodeStore
-from modules.nets.keys import ACTION, GOAL, OBS
-from modules.tmrl.loss import ENV_STEPS, NEXT, REWARD, TERMINATED
-
-# ChunkEnv's remaining flag names (TorchRL's own)
-SUCCESS, TRUNCATED, DONE = "success", "truncated", "done"
+from modules.nets.keys import (
+    ACTION,
+    DONE,
+    ENV_STEPS,
+    GOAL,
+    NEXT,
+    OBS,
+    REWARD,
+    SUCCESS,
+    TERMINATED,
+    TRUNCATED,
+)
 
 
 def _check_int(name: str, value: object, who: str) -> int:
@@ -55,23 +64,35 @@ def _check_int(name: str, value: object, who: str) -> int:
     return int(value)
 
 
-def _read_store(store: EpisodeStore) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Observations (N, d_o) float32, actions (N, d_a) float32 and the goal indices, all checked."""
-    missing = [key for key in (OBS, ACTION) if key not in store.keys]
-    if missing:
-        raise KeyError(f"episode store {store.path} has no {missing} (its keys are {store.keys})")
-    goal_indices = store.attrs.get("goal_indices")
-    if goal_indices is None:
-        raise KeyError(
-            f"episode store {store.path} has no 'goal_indices' attribute: success cannot be computed "
-            "without knowing which observation dims are the position"
-        )
-    obs = store.load(OBS).astype(np.float32, copy=False)
-    act = store.load(ACTION).astype(np.float32, copy=False)
+def _check_demos(
+    observation: np.ndarray,
+    action: np.ndarray,
+    episode_ends: np.ndarray,
+    goal_indices: Sequence[int],
+    source: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Observations (N, d_o) float32, actions (N, d_a) float32, episode ends (E,) int64 and the goal
+    indices, all checked."""
+    obs = np.asarray(observation, dtype=np.float32)
+    act = np.asarray(action, dtype=np.float32)
     if obs.ndim != 2 or act.ndim != 2:
         raise ValueError(
-            f"episode store {store.path}: expected flat per-step '{OBS}' and '{ACTION}', got shapes "
+            f"{source}: expected flat per-step '{OBS}' and '{ACTION}', got shapes "
             f"{obs.shape[1:]} and {act.shape[1:]}"
+        )
+    ends = np.asarray(episode_ends)
+    if (
+        len(act) != len(obs)
+        or ends.ndim != 1
+        or len(ends) == 0
+        or not np.issubdtype(ends.dtype, np.integer)
+        or ends[-1] != len(obs)
+        or bool((np.diff(ends, prepend=0) < 0).any())
+    ):
+        raise ValueError(
+            f"{source}: episode_ends={ends!r} with {len(obs)} observation and {len(act)} action rows; "
+            "expected equal row counts and a non-empty, non-decreasing 1-D integer array ending at the "
+            "row count"
         )
     bad = isinstance(goal_indices, bool | str) or not isinstance(goal_indices, Sequence)
     if (
@@ -80,10 +101,10 @@ def _read_store(store: EpisodeStore) -> tuple[np.ndarray, np.ndarray, list[int]]
         or any(not isinstance(i, int) or not 0 <= i < obs.shape[1] for i in goal_indices)
     ):
         raise ValueError(
-            f"episode store {store.path}: goal_indices={goal_indices!r}; expected a non-empty list of "
+            f"{source}: goal_indices={goal_indices!r}; expected a non-empty list of "
             f"observation dims in [0, {obs.shape[1]})"
         )
-    return obs, act, list(goal_indices)
+    return obs, act, ends.astype(np.int64, copy=False), list(goal_indices)
 
 
 def _windows(starts: np.ndarray, ends: np.ndarray, horizon: int, stride: int) -> tuple[np.ndarray, ...]:
@@ -97,24 +118,32 @@ def _windows(starts: np.ndarray, ends: np.ndarray, horizon: int, stride: int) ->
 
 
 def demo_chunks(
-    store: EpisodeStore,
+    observation: np.ndarray,
+    action: np.ndarray,
+    episode_ends: np.ndarray,
+    goal_indices: Sequence[int],
     goal: np.ndarray,
     goal_tol: float,
     exec_horizon: int,
     success_reward: float = 1.0,
     stride: int | None = None,
+    source: str = "demonstrations",
 ) -> TensorDict:
     """Every H-step window of every demonstration, as a ChunkEnv transition toward ``goal``.
 
     Args:
-        store: demonstrations with per-step ``observation`` (N, d_o) and ``action`` (N, d_a) and a
-            ``goal_indices`` attribute (the observation dims compared with the goal).
+        observation: (N, d_o) per-step observations of all episodes, one after the other.
+        action: (N, d_a) the action taken at each observation (clipped to [-1, 1] here).
+        episode_ends: (E,) int, EXCLUSIVE end row of each episode; episode i spans rows
+            [episode_ends[i-1], episode_ends[i]) (start 0 for i = 0), the last ends at N.
+        goal_indices: the observation dims compared with the goal (e.g. the x, y position).
         goal: (d_g,) the TARGET task's goal, d_g = len(goal_indices); the demos are relabelled to it.
         goal_tol: success <=> ||obs[goal_indices] - goal|| <= goal_tol (OGBench point maze: 1.0).
         exec_horizon: H, actions per transition (the online ChunkEnv's exec_horizon).
         success_reward: the reward of a transition that reaches the goal (OGBench: 1.0 per success step,
             and a chunk stops at its first one, so the online chunk reward is exactly this).
         stride: rows between the starts of consecutive windows; None = H (non-overlapping).
+        source: what the demonstrations are, for error messages (e.g. "episode store <path>").
 
     Returns:
         TensorDict, batch [M], keys (float32 unless noted): ``observation`` (M, d_o), ``goal`` (M, d_g),
@@ -123,22 +152,23 @@ def demo_chunks(
         False: demos have no time limit) and int64 ``env_steps`` (M, 1).
 
     Raises:
-        KeyError: the store lacks ``observation``/``action`` or the ``goal_indices`` attribute.
-        ValueError: goal of the wrong size, exec_horizon/stride < 1, goal_tol < 0, or no window fits.
+        ValueError: non-flat or mismatched arrays, bad episode ends or goal indices, goal of the wrong
+            size, exec_horizon/stride < 1, goal_tol < 0, or no window fits.
     """
     horizon = _check_int("exec_horizon", exec_horizon, "demo_chunks")
     stride = horizon if stride is None else _check_int("stride", stride, "demo_chunks")
     if not (isinstance(goal_tol, Real) and math.isfinite(goal_tol) and goal_tol >= 0):
         raise ValueError(f"demo_chunks: goal_tol={goal_tol!r}; expected a finite number >= 0")
-    obs, act, goal_indices = _read_store(store)
+    obs, act, ends, goal_indices = _check_demos(observation, action, episode_ends, goal_indices, source)
     goal = np.asarray(goal, dtype=np.float32)
     if goal.shape != (len(goal_indices),):
         raise ValueError(
             f"demo_chunks: goal has shape {goal.shape}; expected ({len(goal_indices)},) to match "
-            f"goal_indices={goal_indices} of {store.path}"
+            f"goal_indices={goal_indices} of {source}"
         )
 
-    first, ep_end = _windows(store.episode_starts, store.episode_ends, horizon, stride)  # (M0,), (M0,)
+    starts = np.concatenate([[0], ends[:-1]])  # (E,) first row of each episode
+    first, ep_end = _windows(starts, ends, horizon, stride)  # (M0,), (M0,)
     reached = first[:, None] + np.arange(1, horizon + 1)  # (M0, H) row of the state after action k
     stored = reached < ep_end[:, None]  # (M0, H) the episode's last action has no stored next state
     pos = obs[:, goal_indices][np.minimum(reached, len(obs) - 1)]  # (M0, H, d_g), clipped rows masked below
@@ -149,7 +179,7 @@ def demo_chunks(
     if len(first) == 0:
         raise ValueError(
             f"demo_chunks: no window of exec_horizon={horizon} steps (plus a next state) fits in any of the "
-            f"{store.num_episodes} episodes of {store.path}"
+            f"{len(ends)} episodes of {source}"
         )
     env_steps = np.where(success, hit.argmax(axis=1) + 1, horizon)  # (M,) argmax = FIRST success
     rows = first[:, None] + np.arange(horizon)  # (M, H) rows of the H actions

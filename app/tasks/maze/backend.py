@@ -7,22 +7,24 @@ centre), drawn from the GLOBAL ``np.random``: :class:`BatchedMaze` seeds it from
 duration of each reset, so runs are reproducible from ``seed``.
 
 The wrapped gymnasium env is bypassed (``env.unwrapped`` is stepped): its TimeLimit would cut episodes at
-OGBench's 1000 steps whatever ``max_steps`` says, and the time limit is kept here per sub-env instead.
+OGBench's 1000 steps whatever ``max_episode_steps`` says, and the time limit is kept here per sub-env instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.envs.batch import SubEnvBatch
-from app.envs.maze import GOAL_INDICES, make_maze_env, resolve_maze, seeded_global_numpy
+from app.tasks.base import SubEnvBatch
+from app.tasks.maze.env import GOAL_INDICES, make_maze_env, resolve_maze, seeded_global_numpy
+from modules.nets.keys import GOAL, OBS
+
+if TYPE_CHECKING:
+    from app.tasks.registry import TaskConfig
 
 NUM_TASKS = 5  # OGBench's evaluation tasks per maze
-CUBE_ENV = "cube-single"  # the point-cloud cube task (app/envs/cube.py); every other name is a maze
-CUBE_VARIATIONS = ("train", "heldout")  # app.envs.cube.VARIATIONS (not imported: no MuJoCo rendering here)
 
 
 def _check_cell(name: str, cell: Any) -> None:
@@ -31,84 +33,46 @@ def _check_cell(name: str, cell: Any) -> None:
         raise ValueError(f"TaskConfig.{name}={cell!r}; expected a cell [i, j] of two integers or None")
 
 
-@dataclass
-class TaskConfig:
-    """The fine-tuning target task: a maze start/goal, or a variation of the point-cloud cube task.
+def check_maze_target(target: TaskConfig) -> None:
+    """Refuse maze target settings that cannot be honoured (an unknown maze, a bad task id or cell)."""
+    resolve_maze(target.env)  # raises, listing the known names
+    tid = target.task_id
+    bad_id = isinstance(tid, bool) or not isinstance(tid, int) or not 1 <= tid <= NUM_TASKS
+    if tid is not None and bad_id:
+        raise ValueError(f"TaskConfig.task_id={tid!r}; expected an integer in 1..{NUM_TASKS} or None")
+    for name in ("init_ij", "goal_ij"):
+        value = getattr(target, name)
+        if value is not None:
+            _check_cell(name, value)
+    if tid is None and (target.init_ij is None or target.goal_ij is None):
+        raise ValueError(
+            f"TaskConfig.task_id=None needs both init_ij and goal_ij; got init_ij={target.init_ij!r}, "
+            f"goal_ij={target.goal_ij!r}"
+        )
 
-    Attributes:
-        env: maze name (short, e.g. "pointmaze-large", or the full OGBench id), or "cube-single".
-        task_id: OGBench evaluation task 1..5 (its start and goal cells), or None to give both cells.
-            Mazes only, as are init_ij and goal_ij.
-        init_ij: start cell [i, j] (row, column of ``maze_map``), overriding the task's; must be free.
-        goal_ij: goal cell [i, j], overriding the task's; must be free.
-        max_steps: low-level time limit: an episode is truncated after this many environment steps.
-        variation: cube only: "heldout" (targets in the goal region the demonstrations never used) or
-            "train". The cameras and the cloud are the pre-training run's (its ``demos.cube``).
+
+def target_cells(target: TaskConfig, maze: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(start cell, goal cell) on ``maze`` (an OGBench maze env, unwrapped), checked to be free cells.
+
+    Raises:
+        ValueError: a cell outside the map or on a wall, naming the cell and the maze size.
     """
-
-    env: str = "pointmaze-large"
-    task_id: int | None = 1
-    init_ij: list[int] | None = None
-    goal_ij: list[int] | None = None
-    max_steps: int = 1000
-    variation: str = "heldout"
-
-    @property
-    def is_cube(self) -> bool:
-        return self.env == CUBE_ENV
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"TaskConfig.max_steps={self.max_steps!r}; expected an integer >= 1")
-        if self.is_cube:
-            if self.variation not in CUBE_VARIATIONS:
-                raise ValueError(
-                    f"TaskConfig.variation={self.variation!r}; expected one of {list(CUBE_VARIATIONS)}"
-                )
-            if self.init_ij is not None or self.goal_ij is not None:
-                raise ValueError(
-                    f"TaskConfig.init_ij/goal_ij are maze cells; task.env={CUBE_ENV!r} takes task.variation"
-                )
-            return
-        resolve_maze(self.env)  # raises, listing the known names
-        tid = self.task_id
-        bad_id = isinstance(tid, bool) or not isinstance(tid, int) or not 1 <= tid <= NUM_TASKS
-        if tid is not None and bad_id:
+    init_ij = goal_ij = None
+    if target.task_id is not None:
+        info = maze.task_infos[target.task_id - 1]
+        init_ij, goal_ij = info["init_ij"], info["goal_ij"]
+    init_ij = tuple(int(v) for v in (target.init_ij if target.init_ij is not None else init_ij))
+    goal_ij = tuple(int(v) for v in (target.goal_ij if target.goal_ij is not None else goal_ij))
+    grid = np.asarray(maze.maze_map)
+    for name, (i, j) in (("init_ij", init_ij), ("goal_ij", goal_ij)):
+        inside = 0 <= i < grid.shape[0] and 0 <= j < grid.shape[1]
+        if not inside or grid[i, j] != 0:
+            where = "a wall" if inside else "outside the map"
             raise ValueError(
-                f"TaskConfig.task_id={self.task_id!r}; expected an integer in 1..{NUM_TASKS} or None"
+                f"TaskConfig.{name}=[{i}, {j}] is {where} of {target.env} (maze_map {grid.shape[0]}x"
+                f"{grid.shape[1]}); expected a free cell (maze_map == 0)"
             )
-        for name in ("init_ij", "goal_ij"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_cell(name, value)
-        if self.task_id is None and (self.init_ij is None or self.goal_ij is None):
-            raise ValueError(
-                f"TaskConfig.task_id=None needs both init_ij and goal_ij; got init_ij={self.init_ij!r}, "
-                f"goal_ij={self.goal_ij!r}"
-            )
-
-    def cells(self, maze: Any) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(start cell, goal cell) on ``maze`` (an OGBench maze env, unwrapped), checked to be free cells.
-
-        Raises:
-            ValueError: a cell outside the map or on a wall, naming the cell and the maze size.
-        """
-        init_ij = goal_ij = None
-        if self.task_id is not None:
-            info = maze.task_infos[self.task_id - 1]
-            init_ij, goal_ij = info["init_ij"], info["goal_ij"]
-        init_ij = tuple(int(v) for v in (self.init_ij if self.init_ij is not None else init_ij))
-        goal_ij = tuple(int(v) for v in (self.goal_ij if self.goal_ij is not None else goal_ij))
-        grid = np.asarray(maze.maze_map)
-        for name, (i, j) in (("init_ij", init_ij), ("goal_ij", goal_ij)):
-            inside = 0 <= i < grid.shape[0] and 0 <= j < grid.shape[1]
-            if not inside or grid[i, j] != 0:
-                where = "a wall" if inside else "outside the map"
-                raise ValueError(
-                    f"TaskConfig.{name}=[{i}, {j}] is {where} of {self.env} (maze_map {grid.shape[0]}x"
-                    f"{grid.shape[1]}); expected a free cell (maze_map == 0)"
-                )
-        return init_ij, goal_ij
+    return init_ij, goal_ij
 
 
 def maze_dims(env: str) -> tuple[int, int]:
@@ -138,7 +102,7 @@ class BatchedMaze(SubEnvBatch):
         self._envs = [make_maze_env(task.env) for _ in range(num_envs)]
         self._mazes = [env.unwrapped for env in self._envs]
         maze = self._mazes[0]
-        init_ij, goal_ij = task.cells(maze)
+        init_ij, goal_ij = target_cells(task, maze)
         self._task_info = dict(
             task_name="tmrl",
             init_ij=init_ij,
@@ -175,24 +139,49 @@ class BatchedMaze(SubEnvBatch):
             # OGBench's reset takes a few random warm-up actions from the action space's own generator.
             env.action_space.seed(int(self._rng.integers(2**31)))
 
-    def reset(self, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def reset(
+        self,
+        mask: np.ndarray | None = None,
+        seeds: Sequence[int] | None = None,
+        task_ids: Sequence[int] | None = None,
+    ) -> None:
         """Reset the sub-envs where ``mask`` (N,) is True (all if None).
 
-        Returns:
-            copies of the observation (N, d_o) and goal (N, 2) of every sub-env (reset or not), float32.
+        ``seeds`` (one per reset row, in row order) fix their episodes: the start/goal jitter is drawn from
+        the global ``np.random`` seeded with the row's seed, as ``np.random.seed(s); env.reset(seed=s)``
+        would (the zero-shot evaluation's fixed episodes); else the draws come from this batch's generator.
+        ``task_ids`` (one per reset row) put OGBench evaluation task ``id``'s cells on those rows instead of
+        the target's.
         """
         idx = np.flatnonzero(self._mask(mask, "reset"))
-        with seeded_global_numpy(self._rng):
-            for k in idx:
-                options = dict(task_info=self._task_info, render_goal=False)
-                ob, info = self._mazes[k].reset(seed=int(self._rng.integers(2**31)), options=options)
-                self.observation[k] = ob
-                self.goal[k] = np.asarray(info["goal"])[list(GOAL_INDICES)]
+        for name, values in (("seeds", seeds), ("task_ids", task_ids)):
+            if values is not None and len(values) != len(idx):
+                raise ValueError(f"BatchedMaze.reset: {len(values)} {name} for {len(idx)} sub-envs to reset")
+        infos = [
+            self._task_info if task_ids is None else self._mazes[k].task_infos[int(task_ids[i]) - 1]
+            for i, k in enumerate(idx)
+        ]
+        if seeds is None:  # one seeding of the global generator for the whole reset
+            with seeded_global_numpy(self._rng):
+                for k, info in zip(idx, infos, strict=True):
+                    self._reset_row(k, int(self._rng.integers(2**31)), info)
+        else:
+            for k, info, seed in zip(idx, infos, seeds, strict=True):
+                with seeded_global_numpy(None, seed=int(seed)):
+                    self._reset_row(k, int(seed), info)
         self.reward[idx] = 0.0
         self.terminated[idx] = self.truncated[idx] = self.success[idx] = False
         self.step_count[idx] = 0
         self._was_reset[idx] = True
-        return self.observation.copy(), self.goal.copy()
+
+    def _reset_row(self, k: int, seed: int, task_info: dict) -> None:
+        ob, info = self._mazes[k].reset(seed=seed, options=dict(task_info=task_info, render_goal=False))
+        self.observation[k] = ob
+        self.goal[k] = np.asarray(info["goal"])[list(GOAL_INDICES)]
+
+    def observe(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Copies of every row's OBS (N, d_o) and GOAL (N, 2), float32 (nothing to render here)."""
+        return {OBS: self.observation.copy(), GOAL: self.goal.copy()}
 
     def step(self, actions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """Step the sub-envs where ``mask`` (N,) is True with ``actions`` (N, d_a) (other rows are ignored).
@@ -203,7 +192,8 @@ class BatchedMaze(SubEnvBatch):
         Returns:
             copies of ``observation`` (N, d_o) float32, ``reward`` (N,) float32 (OGBench's: 1.0 on success,
             else 0.0), ``terminated`` (N,) bool (= success: OGBench terminates at the goal), ``truncated``
-            (N,) bool (the step count reached ``max_steps`` without success) and ``success`` (N,) bool.
+            (N,) bool (the step count reached ``max_episode_steps`` without success) and ``success``
+            (N,) bool.
             Rows not stepped keep their last values.
 
         Raises:
@@ -235,7 +225,7 @@ class BatchedMaze(SubEnvBatch):
         self.reward[idx] = success[idx]
         self.terminated[idx] = success[idx]
         # A time limit reached on the very step that succeeds is a success, not a truncation.
-        self.truncated[idx] = (self.step_count[idx] >= self.task.max_steps) & ~success[idx]
+        self.truncated[idx] = (self.step_count[idx] >= self.task.max_episode_steps) & ~success[idx]
 
     def close(self) -> None:
         """Close the underlying environments."""
