@@ -18,7 +18,7 @@ from modules.nets.policy import CSPPolicy, PolicyConfig
 from modules.tmrl.agent import ActorPolicy, head_specs, make_agent
 from modules.tmrl.loss import make_optimizers, update
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_FIT = str(ROOT / "configs" / "tiny" / "csp_state.yaml")
 TINY_FT = str(ROOT / "configs" / "tiny" / "tmrl.yaml")
 

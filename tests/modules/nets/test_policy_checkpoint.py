@@ -10,7 +10,7 @@ from modules.nets.checkpoint import CHECKPOINT_VERSION, READABLE_VERSIONS, upgra
 from modules.nets.keys import GOAL, OBS, POINTCLOUD
 from modules.nets.policy import CSPPolicy
 
-DATA = Path(__file__).resolve().parent / "data"  # written by tests/data/make_v1_fixtures.py (v1 code)
+DATA = Path(__file__).resolve().parents[2] / "data"  # written by tests/data/make_v1_fixtures.py (v1 code)
 MODES = ("goal", "pointcloud")
 SENSOR = {
     "cameras": [{"name": "front", "pos": [0.5, -0.4, 0.6]}, {"name": "side", "pos": (0.0, 0.7, 0.5)}],

@@ -7,9 +7,9 @@ import pytest
 
 import app.config
 from app.config import find_config_file, load_config
-from tests.test_config import Root, error_of, write
+from tests.app.test_config import Root, error_of, write
 
-REPO = Path(__file__).resolve().parents[1]  # holds the shipped configs/
+REPO = Path(__file__).resolve().parents[2]  # holds the shipped configs/
 
 
 @dataclass

@@ -270,7 +270,7 @@ def test_to_dict_and_flatten():
 
 
 @pytest.mark.parametrize(
-    "path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    "path", sorted(str(p) for p in (Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 )
 def test_every_shipped_config_loads(path):
     """Each shipped config is valid for its command: fit configs with the schema their context mode picks,

@@ -16,7 +16,7 @@ from app.tasks.cube.config import PointCloudFitConfig
 from app.tasks.registry import fit_schema
 from modules.nets.policy import CSPPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny" / "csp_pointcloud.yaml")
 
 

@@ -24,7 +24,7 @@ from modules.nets.keys import CONTEXT_FEATURE, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
 from modules.nets.policy import CSPPolicy, PolicyConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_FIT = str(ROOT / "configs" / "tiny" / "csp_pointcloud.yaml")
 TINY_FT = str(ROOT / "configs" / "tiny" / "tmrl_cube.yaml")
 P = 32  # points per cloud

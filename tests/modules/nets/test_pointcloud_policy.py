@@ -10,7 +10,7 @@ from modules.nets import CSPPolicy, PolicyConfig
 from modules.nets.keys import ACTION, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import NoiseCodeMap, PointCloudNorm, PointNetEncoder, pointcloud_stats
 from modules.nets.schedule import alpha_bar
-from tests.test_nets import perturb
+from tests.modules.nets.test_nets import perturb
 
 D_O, D_G, D_A, L, B, N = 4, 2, 3, 4, 8, 64
 A_LOW, A_HIGH = torch.tensor([-1.0, -1.0, 0.0]), torch.tensor([1.0, 1.0, 2.0])

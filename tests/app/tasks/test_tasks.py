@@ -14,7 +14,7 @@ from app.tasks.registry import TASKS, TaskConfig, env_names, fit_schema, task_of
 from app.tasks.rollout import rollout, run_chunk
 from modules.nets.keys import GOAL, OBS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_every_env_name_and_context_mode_has_exactly_one_task() -> None:

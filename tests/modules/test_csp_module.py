@@ -17,7 +17,9 @@ from modules.nets.checkpoint import LIGHTNING_KEY, upgrade_v1_state_dict
 from modules.nets.keys import ACTION, GOAL, OBS
 from modules.nets.policy import CSPPolicy, PolicyConfig
 
-V1_CKPT = Path(__file__).resolve().parent / "data" / "lightning_v1.ckpt"  # see tests/data/make_v1_fixtures.py
+V1_CKPT = (
+    Path(__file__).resolve().parents[1] / "data" / "lightning_v1.ckpt"
+)  # see tests/data/make_v1_fixtures.py
 
 
 def tiny_module(store, ema_decay=0.9) -> tuple[CSPModule, StateDataModule]:
@@ -84,7 +86,7 @@ def test_checkpoint_reloads_into_the_bare_policy_without_lightning(synthetic_sto
         assert not loaded & set(["lightning", "pytorch_lightning"]), "the bare policy pulled in Lightning"
     """)
     subprocess.run(
-        [sys.executable, "-c", script], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1])
+        [sys.executable, "-c", script], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2])
     )
     assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
 

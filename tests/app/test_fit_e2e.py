@@ -18,7 +18,7 @@ from app.schema import FitConfig
 from modules.nets.keys import GOAL, OBS
 from modules.nets.policy import CSPPolicy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny" / "csp_state.yaml")
 
 

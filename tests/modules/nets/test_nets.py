@@ -16,7 +16,7 @@ from modules.nets.keys import ACTION, GOAL, OBS
 from modules.nets.normalizer import MinMax, ZScore
 from modules.nets.schedule import SCHEDULES, alpha_bar, noise_context
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 D_O, D_G, D_A, L, B = 5, 2, 3, 4, 6
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from app.config import ConfigError, load_config
-from tests.test_config import REQUIRED, Encoder, Root, error_of, write
+from tests.app.test_config import REQUIRED, Encoder, Root, error_of, write
 
 # ----------------------------------------------------------------------------------- unknown keys
 
