@@ -1,4 +1,4 @@
-"""Tasks as TorchRL environments: a task's low-level ``MazeEnv`` and TMRL's high-level ``ChunkEnv``.
+"""Tasks as TorchRL environments: a task's low-level ``StepEnv`` and TMRL's high-level ``ChunkEnv``.
 
 Both hold N sub-envs of a task's backend (``app.tasks``) in one process (batch_size [N], float32 tensors on
 the CPU) and accept partial resets through the ``RESET`` mask a collector passes. Keys (modules/nets/keys.py):
@@ -94,7 +94,7 @@ def _reset_mask(tensordict: TensorDictBase | None, n: int) -> np.ndarray | None:
     return tensordict.get(RESET).reshape(n).cpu().numpy()
 
 
-class MazeEnv(EnvBase):
+class StepEnv(EnvBase):
     """A task's low-level env: one environment step per TorchRL step, action Bounded(-1, 1, (N, d_a)).
 
     Args:
@@ -108,20 +108,20 @@ class MazeEnv(EnvBase):
         self, task: TaskConfig, num_envs: int, seed: int = 0, sensor: Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(batch_size=torch.Size([num_envs]), device="cpu")
-        self.maze = task.task.make_backend(task, num_envs, seed, sensor or {})
-        _set_specs(self, self.maze, self.maze.action_dim, exec_horizon=None)
+        self.backend = task.task.make_backend(task, num_envs, seed, sensor or {})
+        _set_specs(self, self.backend, self.backend.action_dim, exec_horizon=None)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs: Any) -> TensorDictBase:
-        self.maze.reset(_reset_mask(tensordict, self.maze.num_envs))
-        return _state_td(self.maze)
+        self.backend.reset(_reset_mask(tensordict, self.backend.num_envs))
+        return _state_td(self.backend)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         action = tensordict.get("action").detach().cpu().numpy()  # (N, d_a)
-        out = self.maze.step(action, np.ones(self.maze.num_envs, bool))
-        return _state_td(self.maze).set(REWARD, torch.from_numpy(out[REWARD]).unsqueeze(-1))
+        out = self.backend.step(action, np.ones(self.backend.num_envs, bool))
+        return _state_td(self.backend).set(REWARD, torch.from_numpy(out[REWARD]).unsqueeze(-1))
 
     def _set_seed(self, seed: int | None) -> None:
-        self.maze.seed(seed)
+        self.backend.seed(seed)
 
 
 class ChunkEnv(EnvBase):

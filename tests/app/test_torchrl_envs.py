@@ -9,7 +9,7 @@ from tensordict.nn import TensorDictModule
 from torchrl.envs.utils import check_env_specs
 
 from app.envs.decoders import BasePolicyDecoder, RawDecoder
-from app.envs.torchrl_envs import ChunkEnv, MazeEnv, make_chunk_env
+from app.envs.torchrl_envs import ChunkEnv, StepEnv, make_chunk_env
 from app.methods import METHODS
 from app.tasks.maze.backend import BatchedMaze
 from app.tasks.registry import TaskConfig
@@ -135,7 +135,7 @@ def test_batched_maze_is_seeded_and_masks_steps() -> None:
 
 
 def test_maze_env_specs() -> None:
-    env = MazeEnv(TaskConfig(max_episode_steps=2), num_envs=3, seed=0)
+    env = StepEnv(TaskConfig(max_episode_steps=2), num_envs=3, seed=0)
     assert env.action_spec.shape == (3, 2)
     check_env_specs(env, break_when_any_done="both")  # max_steps 2: the rollout of 3 crosses a reset
 
