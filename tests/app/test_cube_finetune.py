@@ -23,10 +23,11 @@ from app.tasks.registry import TaskConfig
 from modules.nets.keys import CONTEXT_FEATURE, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
 from modules.nets.policy import CSPPolicy, PolicyConfig
+from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_FIT = str(ROOT / "configs" / "tiny" / "csp_pointcloud.yaml")
-TINY_FT = str(ROOT / "configs" / "tiny" / "tmrl_cube.yaml")
+TINY_FIT = tiny_config("csp_pointcloud")
+TINY_FT = tiny_config("tmrl_cube")
 P = 32  # points per cloud
 CUBE = CubeConfig(num_points=P, robot_geometry="none", width=48, height=48)
 SENSOR = dataclasses.asdict(CUBE)  # what a cube policy carries

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.tiny import tiny_config
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -18,7 +20,7 @@ def test_cpu_ddp_fit_logs_into_one_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     env.pop("TMRL_RUN_ID", None)
-    tiny = str(ROOT / "configs/tiny/csp_state.yaml")
+    tiny = tiny_config("csp_state")
     cmd = [
         str(Path(sys.executable).parent / "tmrl"), "fit", "--config", tiny,
         f"data.path={tmp_path / 'demos.zarr'}", f"output_dir={tmp_path / 'runs'}",

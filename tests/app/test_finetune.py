@@ -17,10 +17,11 @@ from modules.nets.keys import ACTION, GOAL, OBS
 from modules.nets.policy import CSPPolicy, PolicyConfig
 from modules.tmrl.agent import ActorPolicy, head_specs, make_agent
 from modules.tmrl.loss import make_optimizers, update
+from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_FIT = str(ROOT / "configs" / "tiny" / "csp_state.yaml")
-TINY_FT = str(ROOT / "configs" / "tiny" / "tmrl.yaml")
+TINY_FIT = tiny_config("csp_state")
+TINY_FT = tiny_config("tmrl")
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ from app.config import load_config
 from app.schema import FitConfig
 from modules.nets.keys import GOAL, OBS
 from modules.nets.policy import CSPPolicy
+from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny" / "csp_state.yaml")
+TINY = tiny_config("csp_state")
 
 
 def tiny_overrides(tmp_path) -> list[str]:

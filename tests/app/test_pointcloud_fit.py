@@ -15,9 +15,10 @@ from app.schema import FitConfig
 from app.tasks.cube.config import PointCloudFitConfig
 from app.tasks.registry import fit_schema
 from modules.nets.policy import CSPPolicy
+from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny" / "csp_pointcloud.yaml")
+TINY = tiny_config("csp_pointcloud")
 
 
 @pytest.fixture(scope="module")

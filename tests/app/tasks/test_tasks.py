@@ -63,7 +63,8 @@ from pathlib import Path
 from app.config import load_config
 from app.finetune_config import FinetuneConfig
 from app.tasks.registry import fit_schema
-for path in sorted(Path("configs").rglob("*.yaml")):
+from tests.tiny import BASES, tiny_config
+for path in [*sorted(Path("configs").glob("*.yaml")), *(Path(tiny_config(name)) for name in BASES)]:
     finetune = path.name.startswith("tmrl")
     schema = FinetuneConfig if finetune else fit_schema(path)
     load_config(schema, path, [] if finetune else ["data.path=x.zarr"])
