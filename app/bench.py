@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.finetune import FinetuneConfig, RunHooks, build_pipeline, run_loop
-from app.pretrain import ensure_demos, make_datamodule
+from app.pretrain import ensure_demos, fit_task, make_datamodule
 from app.schema import FitConfig
 from app.tasks.base import Backend
 from datamodules.state import StateDataModule
@@ -142,7 +142,7 @@ def forward_flops_per_sample(policy: CSPPolicy, batch: dict[str, torch.Tensor]) 
 def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
     """Run the three measurements and print them; returns the figures."""
     L.seed_everything(cfg.seed)
-    ensure_demos(cfg.data, cfg.demos)
+    ensure_demos(fit_task(cfg), cfg.data, cfg.demos)
     dm = make_datamodule(cfg)  # low-dim states or point clouds, as the config says
     dm.setup("fit")
     it = endless(dm.train_dataloader())

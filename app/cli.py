@@ -95,17 +95,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import yaml
 
     from app import tracking
-    from app.tasks.registry import fit_schema, task_of_context
+    from app.tasks.registry import task_of_context
     from modules.nets.policy import CSPPolicy
 
     uri = tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri))
     with tempfile.TemporaryDirectory() as tmp:
         files = tracking.fetch_pretrain_run(uri, args.from_run, tmp)
-        schema = fit_schema(files["config"])
         data = yaml.safe_load(files["config"].read_text()) or {}
         task = task_of_context(((data.get("policy") or {}).get("context_mode")) or "goal")
         files["config"].write_text(yaml.safe_dump(task.upgrade_run_config(data), sort_keys=False))
-        cfg = load_config(schema, files["config"], args.overrides)
+        cfg = load_config(task.fit_schema(), files["config"], args.overrides)
         policy = CSPPolicy.load(files["policy"])
     out = Path(args.out or Path(cfg.output_dir) / args.from_run / "eval")
     report = task.zero_shot(policy, cfg, None, out)

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from app import tracking
 from app.config import flatten, to_yaml
 from app.schema import DemoConfig, FitConfig
-from app.tasks.registry import task_of_context, task_of_env
+from app.tasks.base import Task
+from app.tasks.registry import task_of_context
 from datamodules.episodes import EpisodeStore
 from datamodules.state import StateDataConfig, WindowDataModule
 from modules.csp import CSPModule
@@ -35,9 +36,11 @@ def _global_rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
-def ensure_demos(data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.0) -> EpisodeStore:
-    """Open the episode store at ``data.path``, generating it with ``demos.env``'s scripted expert if it is
-    missing.
+def ensure_demos(
+    task: Task, data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.0
+) -> EpisodeStore:
+    """Open the episode store at ``data.path``, generating it with ``task``'s scripted expert on
+    ``demos.env`` if it is missing (refused if ``demos.env`` is not one of the task's environments).
 
     Only global rank zero generates; other ranks (e.g. started by SLURM) wait for the store to appear.
     """
@@ -52,8 +55,13 @@ def ensure_demos(data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.
             f"data.path={str(path)!r} does not exist and demos.generate=false; generate it with "
             f"`tmrl demos --env {demos.env} --episodes N --out {path}` or set demos.generate=true"
         )
+    if task.canonical(demos.env) is None:
+        raise ValueError(
+            f"demos.env={demos.env!r} is not an environment of the {task.name} task, which the policy's "
+            f"context mode feeds; expected one of {list(task.env_names)}"
+        )
     print(f"[tmrl] {path} not found: generating {demos.episodes} expert episodes on {demos.env}")
-    return task_of_env(demos.env).generate_demos(demos, path)
+    return task.generate_demos(demos, path)
 
 
 def _resume_checkpoint(cfg: FitConfig, client) -> tuple[str | None, str | None]:
@@ -114,16 +122,21 @@ def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val:
 
 def make_datamodule(cfg: FitConfig) -> WindowDataModule:
     """The data module of ``cfg.data``, as the task of ``cfg.policy.context_mode`` reads demonstrations."""
-    return task_of_context(cfg.policy.context_mode).datamodule(cfg)
+    return fit_task(cfg).datamodule(cfg)
+
+
+def fit_task(cfg: FitConfig) -> Task:
+    """The task a fit config pre-trains on: the one its ``policy.context_mode`` feeds."""
+    return task_of_context(cfg.policy.context_mode)
 
 
 def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
-    store = ensure_demos(cfg.data, cfg.demos)
-    dm = make_datamodule(cfg)
+    task = fit_task(cfg)
+    store = ensure_demos(task, cfg.data, cfg.demos)
+    dm = task.datamodule(cfg)
     dm.setup("fit")  # a store that does not match the config is refused here, before any MLflow run
-    task = task_of_context(cfg.policy.context_mode)
     dims = dict(obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
     policy = CSPPolicy(cfg.policy, **dims, sensor=task.sensor(cfg))  # the sensor travels with the policy
     policy.set_normalization(dm.stats)
@@ -158,7 +171,7 @@ def fit(cfg: FitConfig) -> str:
         trainer, ckpt = _build_trainer(cfg, logger, run_dir, has_val)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if trainer.is_global_zero:
-            _finish(cfg, client, run_id, module, ckpt, store, run_dir)
+            _finish(cfg, task, client, run_id, module, ckpt, store, run_dir)
         ok = True
     finally:
         if published:
@@ -167,7 +180,9 @@ def fit(cfg: FitConfig) -> str:
     return run_id
 
 
-def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store, run_dir: Path) -> None:
+def _finish(
+    cfg, task: Task, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store, run_dir: Path
+) -> None:
     """Rank zero after training: checkpoints and the bare policy as artifacts, then zero-shot evaluation."""
     for path in {ckpt.last_model_path, ckpt.best_model_path} - {""}:
         client.log_artifact(run_id, path, "checkpoints")
@@ -177,7 +192,6 @@ def _finish(cfg, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store
     client.log_artifact(run_id, str(policy_path), "checkpoints")
     if not cfg.eval.enabled:
         return
-    task = task_of_context(cfg.policy.context_mode)
     with tempfile.TemporaryDirectory() as tmp:
         report = task.zero_shot(policy, cfg, store.attrs.get("env"), Path(tmp), cfg.trainer.progress_bar)
         for name, value in report.metrics.items():

@@ -41,11 +41,11 @@ def run_chunk(
     low-level step with the rows just stepped. Returns (reward (N,) float32, the sum of each row's rewards;
     steps (N,) int64, the real env steps each row ran); rows not live get 0 and 0.
     """
-    n, horizon = backend.num_envs, chunk.shape[1]
+    n = backend.num_envs
     if chunk.ndim != 3 or chunk.shape[0] != n or chunk.shape[2] != backend.action_dim:
         raise ValueError(f"chunk has shape {chunk.shape}; expected ({n}, H, {backend.action_dim})")
     reward, steps = np.zeros(n, np.float32), np.zeros(n, np.int64)
-    for t in range(horizon):
+    for t in range(chunk.shape[1]):
         if not live.any():
             break
         rows = live.copy()

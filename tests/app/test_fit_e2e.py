@@ -113,6 +113,7 @@ def test_fit_resumes_from_its_run(tmp_path, mlflow_uri, capsys):
         (["seed=abc"], ["seed", "int", "abc"]),
         (["policy.context_mode=pixels"], ["context_mode", "pixels", "goal"]),
         (["trainer.max_steps"], ["key=value"]),
+        (["demos.env=cube-single"], ["demos.env='cube-single'", "maze task", "pointmaze-large"]),
     ],
 )
 def test_bad_overrides_are_refused_before_any_work(tmp_path, mlflow_uri, capsys, args, expected):

@@ -45,6 +45,11 @@ def sensor_config(sensor: Mapping[str, Any], who: str) -> CubeConfig:
     return CubeConfig(**sensor)
 
 
+def _plain(cube: CubeConfig) -> dict[str, Any]:
+    """``cube`` as the plain dict a policy checkpoint carries (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cube)))
+
+
 class CubeTask(Task):
     name = "cube"
     env_names = CUBE_ENVS
@@ -89,7 +94,7 @@ class CubeTask(Task):
         return BatchedCube(cube, num_envs, seed)
 
     def sensor(self, cfg: FitConfig) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(cfg.demos.cube)))  # tuples -> lists
+        return _plain(cfg.demos.cube)
 
     def legacy_sensor(self, run_config: Mapping[str, Any], policy: CSPPolicy, who: str) -> dict[str, Any]:
         cube = CubeConfig(**((run_config.get("demos") or {}).get("cube") or {}))
@@ -98,7 +103,7 @@ class CubeTask(Task):
                 f"{who}: demos.cube.num_points={cube.num_points} but its policy takes "
                 f"{policy.cfg.num_points} points"
             )
-        return json.loads(json.dumps(dataclasses.asdict(cube)))
+        return _plain(cube)
 
     def upgrade_run_config(self, data: dict[str, Any]) -> dict[str, Any]:
         # runs fitted before the cube evaluation existed stored the maze's eval section (env,
