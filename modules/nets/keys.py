@@ -7,6 +7,8 @@ OBS = "observation"  # (B, d_o) low-dimensional observation, raw environment uni
 GOAL = "goal"  # (B, d_g) goal, in the same space and units the environment gives at test time
 ACTION = "action"  # (B, L, d_a) action chunk in raw units (or (B, d_a) for a single env step)
 POINTCLOUD = "pointcloud"  # (B, N, 3) world-frame points in metres (point-cloud context), N fixed per dataset
+# (B, V, H, W, 3) uint8 RGB frames of V views (cameras x stacked frames), H x W pixels each (image context)
+IMAGE = "image"
 # (B, F) features of the clean point cloud by the frozen policy's own PointNet: how a TMRL agent on a
 # point-cloud task sees the scene (a compact state; the replay buffer never holds the clouds)
 CONTEXT_FEATURE = "context_feature"
