@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.tasks.base import SubEnvBatch
+from app.tasks.maze.camera import MazeCamera, MazeCameraConfig
 from app.tasks.maze.env import GOAL_INDICES, make_maze_env, resolve_maze, seeded_global_numpy
-from modules.nets.keys import GOAL, OBS
+from modules.nets.keys import GOAL, IMAGE, OBS
 
 if TYPE_CHECKING:
     from app.tasks.registry import TaskConfig
@@ -89,13 +90,20 @@ class BatchedMaze(SubEnvBatch):
     State arrays (one row per sub-env) hold each sub-env's latest values; ``step`` and ``reset`` update only
     the rows their mask selects, so a row that is not stepped keeps its last observation and flags.
 
+    With a ``camera`` (the visual maze task) the goal is seen only in the frames: ``goal_dim`` is 0 and
+    ``observe`` renders IMAGE (N, C, H, W, 3) uint8 with the goal marker at each row's goal instead of
+    handing out GOAL. A row's frames are rendered when ``observe`` asks for a row whose state changed.
+
     Attributes:
         obs_dim, action_dim: sizes of one observation and one low-level action.
-        goal_dim: size of the goal (= len(GOAL_INDICES) = 2, the xy position).
+        goal_dim: size of the goal the policy is given: 2 (the xy position, GOAL_INDICES); 0 with a camera.
+        goal_pos: (N, 2) float32 every row's goal xy (with or without a camera).
         step_count: (N,) int64 environment steps since each sub-env's last reset.
     """
 
-    def __init__(self, task: TaskConfig, num_envs: int, seed: int = 0) -> None:
+    def __init__(
+        self, task: TaskConfig, num_envs: int, seed: int = 0, camera: MazeCameraConfig | None = None
+    ) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"BatchedMaze num_envs={num_envs!r}; expected an integer >= 1")
         self.task, self.num_envs = task, num_envs
@@ -115,7 +123,7 @@ class BatchedMaze(SubEnvBatch):
         self.goal_tol = float(maze._goal_tol)  # the env's own success radius
         self.obs_dim = int(self._envs[0].observation_space.shape[0])
         self.action_dim = int(self._envs[0].action_space.shape[0])
-        self.goal_dim = len(GOAL_INDICES)
+        self.goal_dim = 0 if camera is not None else len(GOAL_INDICES)
         self._low = np.asarray(self._envs[0].action_space.low, dtype=np.float64)
         self._high = np.asarray(self._envs[0].action_space.high, dtype=np.float64)
         # The teleport maze draws teleport destinations from the global np.random inside step().
@@ -124,6 +132,10 @@ class BatchedMaze(SubEnvBatch):
         n = num_envs
         self.observation = np.zeros((n, self.obs_dim), np.float32)
         self.goal = np.zeros((n, self.goal_dim), np.float32)
+        self.goal_pos = np.zeros((n, len(GOAL_INDICES)), np.float32)
+        self._camera = None if camera is None else MazeCamera(maze, camera)
+        self.image = None if camera is None else np.zeros((n, *camera.frame_shape), np.uint8)
+        self._stale = np.ones(n, bool)  # rows whose frames predate their state
         self.reward = np.zeros(n, np.float32)
         self.terminated = np.zeros(n, bool)
         self.truncated = np.zeros(n, bool)
@@ -173,15 +185,26 @@ class BatchedMaze(SubEnvBatch):
         self.terminated[idx] = self.truncated[idx] = self.success[idx] = False
         self.step_count[idx] = 0
         self._was_reset[idx] = True
+        self._stale[idx] = True
 
     def _reset_row(self, k: int, seed: int, task_info: dict) -> None:
         ob, info = self._mazes[k].reset(seed=seed, options=dict(task_info=task_info, render_goal=False))
         self.observation[k] = ob
-        self.goal[k] = np.asarray(info["goal"])[list(GOAL_INDICES)]
+        self.goal_pos[k] = np.asarray(info["goal"])[list(GOAL_INDICES)]
+        if self._camera is None:
+            self.goal[k] = self.goal_pos[k]
 
     def observe(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Copies of every row's OBS (N, d_o) and GOAL (N, 2), float32 (nothing to render here)."""
-        return {OBS: self.observation.copy(), GOAL: self.goal.copy()}
+        """Copies of every row's OBS (N, d_o) float32 and GOAL (N, 2) float32, or with a camera IMAGE
+        (N, C, H, W, 3) uint8 (the stale frames of ``rows``, all rows if None, rendered first; other rows'
+        frames may be stale)."""
+        if self._camera is None:
+            return {OBS: self.observation.copy(), GOAL: self.goal.copy()}
+        mask = self._mask(rows, "observe")
+        for k in np.flatnonzero(mask & self._stale):
+            self._camera.render(self._mazes[k].data, self.goal_pos[k], out=self.image[k])
+            self._stale[k] = False
+        return {OBS: self.observation.copy(), IMAGE: self.image.copy()}
 
     def step(self, actions: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """Step the sub-envs where ``mask`` (N,) is True with ``actions`` (N, d_a) (other rows are ignored).
@@ -222,12 +245,15 @@ class BatchedMaze(SubEnvBatch):
             obs[k] = ob
             success[k] = info["success"] > 0
         self.step_count[idx] += 1
+        self._stale[idx] = True
         self.reward[idx] = success[idx]
         self.terminated[idx] = success[idx]
         # A time limit reached on the very step that succeeds is a success, not a truncation.
         self.truncated[idx] = (self.step_count[idx] >= self.task.max_episode_steps) & ~success[idx]
 
     def close(self) -> None:
-        """Close the underlying environments."""
+        """Close the underlying environments (and the camera's renderer)."""
+        if self._camera is not None:
+            self._camera.close()
         for env in self._envs:
             env.close()

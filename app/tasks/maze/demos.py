@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from app.tasks.maze.camera import MazeCamera, MazeCameraConfig
 from app.tasks.maze.config import ExpertConfig
 from app.tasks.maze.env import MazeExpert, goal_indices, make_maze_env, resolve_maze, rollout_expert
-from datamodules.episodes import EpisodeStore, write_episodes
+from datamodules.episodes import DEFAULT_CHUNK_ROWS, EpisodeStore, write_episodes
+
+VISUAL_PREFIX = "visual-"  # the visual maze task's env names: visual-pointmaze-medium, ...
+IMAGE_CHUNK_ROWS = 256  # steps per stored chunk of a camera store: 3 MB of 64 x 64 frames
 
 
 def generate_maze_demos(
@@ -24,6 +28,7 @@ def generate_maze_demos(
     expert: ExpertConfig | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    camera: MazeCameraConfig | None = None,
 ) -> EpisodeStore:
     """Roll out ``episodes`` expert episodes of ``episode_length`` steps in maze ``env`` and store them.
 
@@ -31,6 +36,11 @@ def generate_maze_demos(
     arguments give the same store fingerprint. The store's attrs record ``env``, ``env_id``,
     ``goal_indices``, ``obs_dim``, ``action_dim``, ``episode_length``, ``seed``, ``expert`` and
     ``generator``; they are what the data module needs to relabel goals without importing ``app.envs``.
+
+    With a ``camera`` (the visual maze task) every step also stores IMAGE (C, H, W, 3) uint8 frames with
+    the goal marker at the expert's current goal, in chunks of ``IMAGE_CHUNK_ROWS`` steps (compressed, read
+    lazily); the attrs then name env ``visual-<maze>``, ``cameras``, ``image_size`` [H, W] and ``camera``.
+    The episodes are those of the state store with the same arguments (the frames draw no randomness).
     """
     if episodes <= 0:
         raise ValueError(f"episodes must be > 0, got {episodes}")
@@ -52,11 +62,18 @@ def generate_maze_demos(
         "expert": dataclasses.asdict(config),
         "generator": "maze_expert",
     }
+    if camera is not None:
+        attrs.update(
+            env=VISUAL_PREFIX + short,
+            cameras=list(camera.cameras),
+            image_size=[camera.height, camera.width],
+            camera=dataclasses.asdict(camera),
+        )
     bar = tqdm(
         total=episodes * episode_length,
         unit="step",
         unit_scale=True,
-        desc=f"demos {short}",
+        desc=f"demos {attrs['env']}",
         disable=not progress,
     )
 
@@ -64,11 +81,16 @@ def generate_maze_demos(
         # A generator so write_episodes streams: only one episode is in memory at a time.
         maze_expert = MazeExpert(config)
         for child in np.random.SeedSequence(seed).spawn(episodes):
-            yield rollout_expert(maze_env, maze_expert, episode_length, np.random.default_rng(child))
+            rng = np.random.default_rng(child)
+            yield rollout_expert(maze_env, maze_expert, episode_length, rng, renderer)
             bar.update(episode_length)
 
+    renderer = None if camera is None else MazeCamera(maze_env.unwrapped, camera)
+    chunk_rows = DEFAULT_CHUNK_ROWS if camera is None else IMAGE_CHUNK_ROWS
     try:
-        return write_episodes(out, stream(), attrs, overwrite=overwrite)
+        return write_episodes(out, stream(), attrs, overwrite=overwrite, chunk_rows=chunk_rows)
     finally:
         bar.close()
+        if renderer is not None:
+            renderer.close()
         maze_env.close()

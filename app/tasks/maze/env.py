@@ -27,7 +27,9 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+from app.tasks.maze.camera import MazeCamera
 from app.tasks.maze.config import ExpertConfig
+from modules.nets.keys import IMAGE
 
 # Short name -> OGBench id. The "navigate" dataset id is what ogbench.make_env_and_datasets expects; with
 # env_only=True it only builds the environment (no download).
@@ -232,7 +234,11 @@ def seeded_global_numpy(rng: np.random.Generator | None, seed: int | None = None
 
 
 def rollout_expert(
-    env: gymnasium.Env, expert: MazeExpert, length: int, rng: np.random.Generator
+    env: gymnasium.Env,
+    expert: MazeExpert,
+    length: int,
+    rng: np.random.Generator,
+    camera: MazeCamera | None = None,
 ) -> dict[str, np.ndarray]:
     """Roll out one ``length``-step expert episode from a random free start cell.
 
@@ -242,7 +248,8 @@ def rollout_expert(
     Returns:
         ``{"observation": (T, obs_dim) float32, "action": (T, 2) float32, "expert_goal": (T, 2) float32}``:
         the observation at which each action was taken, that action, and the goal the expert was heading
-        for. The last marks the episode's segments (one per goal), within which every later state lies on
+        for; with a ``camera`` also IMAGE (T, C, H, W, 3) uint8, the frames at each observation with the
+        goal marker at that step's expert goal. The last marks the episode's segments (one per goal), within which every later state lies on
         a shortest path from every earlier one: what segment-limited hindsight relabelling relies on.
     """
     if length <= 0:
@@ -264,11 +271,15 @@ def rollout_expert(
         obs = np.empty((length, *np.shape(ob)), dtype=np.float32)  # (T, obs_dim)
         actions = np.empty((length, 2), dtype=np.float32)  # (T, 2)
         goals = np.empty((length, 2), dtype=np.float32)  # (T, 2)
+        frames = None if camera is None else np.empty((length, *camera.cfg.frame_shape), np.uint8)
         for t in range(length):
             action = expert.act(ob[list(GOAL_INDICES)])
             obs[t], actions[t], goals[t] = ob, action, expert.goal_xy
+            if frames is not None:  # the state at obs[t], the marker at the goal the expert heads for
+                camera.render(maze.data, expert.goal_xy, out=frames[t])
             ob, *_ = env.step(action)
-    return {"observation": obs, "action": actions, "expert_goal": goals}
+    episode = {"observation": obs, "action": actions, "expert_goal": goals}
+    return episode if frames is None else {**episode, IMAGE: frames}
 
 
 def run_expert_task(

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from app.plots import pyplot
 from app.tasks.maze.backend import NUM_TASKS, BatchedMaze
+from app.tasks.maze.camera import MazeCameraConfig
 from app.tasks.maze.config import EvalConfig
 from app.tasks.maze.env import make_maze_env
 from app.tasks.rollout import policy_sampler, rollout
@@ -46,9 +47,15 @@ class Rollouts:
 
 
 def rollout_tasks(
-    policy: CSPPolicy, env_name: str, sigma: float, cfg: EvalConfig, progress: bool = False
+    policy: CSPPolicy,
+    env_name: str,
+    sigma: float,
+    cfg: EvalConfig,
+    progress: bool = False,
+    camera: MazeCameraConfig | None = None,
 ) -> Rollouts:
-    """Roll out the fixed, seeded evaluation episodes (every task, episodes_per_task each) at sigma."""
+    """Roll out the fixed, seeded evaluation episodes (every task, episodes_per_task each) at sigma, seen
+    through ``camera`` if given (the visual maze)."""
     if cfg.exec_horizon > policy.cfg.chunk_len:
         raise ValueError(
             f"eval.exec_horizon={cfg.exec_horizon} exceeds policy chunk_len={policy.cfg.chunk_len}"
@@ -56,12 +63,12 @@ def rollout_tasks(
     pairs = [(t, e) for t in range(1, NUM_TASKS + 1) for e in range(cfg.episodes_per_task)]
     # OGBench's own time limit; each row's start and goal are its evaluation task's
     target = TaskConfig(env=env_name, task_id=1, max_episode_steps=EVAL_EPISODE_STEPS)
-    env = BatchedMaze(target, len(pairs), seed=cfg.seed)
+    env = BatchedMaze(target, len(pairs), seed=cfg.seed, camera=camera)
     try:
         seeds = [cfg.seed * 10_000 + task * 100 + ep for task, ep in pairs]
         env.reset(seeds=seeds, task_ids=[task for task, _ in pairs])
         paths = [[ob[:2].copy()] for ob in env.observation]
-        goals = env.goal.copy()
+        goals = env.goal_pos.copy()
 
         def record(rows: np.ndarray) -> None:
             for k in rows:
@@ -76,11 +83,15 @@ def rollout_tasks(
 
 
 def evaluate_zero_shot(
-    policy: CSPPolicy, env_name: str, cfg: EvalConfig, progress: bool = True
+    policy: CSPPolicy,
+    env_name: str,
+    cfg: EvalConfig,
+    progress: bool = True,
+    camera: MazeCameraConfig | None = None,
 ) -> dict[float, Rollouts]:
-    """Per-sigma rollouts of the policy on the env's evaluation tasks."""
+    """Per-sigma rollouts of the policy on the env's evaluation tasks (through ``camera``, if given)."""
     policy.eval()
-    return {s: rollout_tasks(policy, env_name, s, cfg, progress) for s in cfg.sigmas}
+    return {s: rollout_tasks(policy, env_name, s, cfg, progress, camera) for s in cfg.sigmas}
 
 
 def summary(results: dict[float, Rollouts], env_name: str) -> list[str]:

@@ -13,6 +13,7 @@ from app.tasks.maze.env import MAZES, resolve_maze
 
 if TYPE_CHECKING:
     from app.schema import DemoConfig, FitConfig
+    from app.tasks.maze.camera import MazeCameraConfig
     from app.tasks.registry import TaskConfig
     from datamodules.episodes import EpisodeStore
     from datamodules.state import WindowDataModule
@@ -52,12 +53,25 @@ class MazeTask(Task):
 
         return (*maze_dims(env), 2)
 
+    # ---- what the visual maze (app/tasks/maze/visual.py) changes: the env names and the cameras
+    def state_env(self, env: str) -> str:
+        """The (state) pointmaze behind ``env``, a short name."""
+        return resolve_maze(env)[0]
+
+    def camera(self, sensor: Mapping[str, Any], who: str) -> MazeCameraConfig | None:
+        """The cameras a policy's ``sensor`` describes; the state maze has none."""
+        return None
+
     def make_backend(
         self, target: TaskConfig, num_envs: int, seed: int, sensor: Mapping[str, Any]
     ) -> Backend:
+        import dataclasses
+
         from app.tasks.maze.backend import BatchedMaze
 
-        return BatchedMaze(target, num_envs, seed)
+        camera = self.camera(sensor, f"the policy fine-tuned on task.env={target.env!r}")
+        state_target = dataclasses.replace(target, env=self.state_env(target.env))
+        return BatchedMaze(state_target, num_envs, seed, camera=camera)
 
     def demo_config(
         self, env: str, episodes: int, length: int | None, seed: int, noise_std: float | None,
@@ -77,7 +91,7 @@ class MazeTask(Task):
         from app.tasks.maze.demos import generate_maze_demos
 
         return generate_maze_demos(
-            env=demos.env,
+            env=self.state_env(demos.env),
             episodes=demos.episodes,
             out=out,
             episode_length=demos.episode_length,
@@ -85,6 +99,7 @@ class MazeTask(Task):
             expert=demos.expert,
             progress=progress,
             overwrite=overwrite,
+            camera=getattr(demos, "camera", None),
         )
 
     def zero_shot(
@@ -93,11 +108,13 @@ class MazeTask(Task):
         from app.tasks.maze import evaluate
 
         env_name = cfg.eval.env or env or cfg.demos.env
-        results = evaluate.evaluate_zero_shot(policy, env_name, cfg.eval, progress=progress)
+        camera = self.camera(policy.sensor, "the evaluated policy")
+        state_env = self.state_env(env_name)
+        results = evaluate.evaluate_zero_shot(policy, state_env, cfg.eval, progress=progress, camera=camera)
         metrics = {evaluate.metric_name(s): float(r.success.mean()) for s, r in results.items()}
         out.mkdir(parents=True, exist_ok=True)
         plots = [
             evaluate.plot_success(results, env_name, out / "zero_shot_success.png"),
-            evaluate.plot_paths(results, env_name, out / "zero_shot_paths.png"),
+            evaluate.plot_paths(results, state_env, out / "zero_shot_paths.png"),
         ]
         return ZeroShot(metrics, evaluate.summary(results, env_name), plots)
