@@ -10,7 +10,9 @@ Layout of a store at ``<path>`` (conventionally named ``*.zarr``)::
         fingerprint = sha256 hex digest of the content (see below)
         ...           user attributes (e.g. env, env_id, goal_indices, obs_dim, action_dim, seed, generator)
     <path>/data/<key>           (num_steps, *shape) every episode concatenated along time, chunked along
-                                time in ``chunk_rows`` rows, so reading a window touches one or two chunks
+                                time in ``chunk_rows`` rows, or fewer for a large step (camera frames: a
+                                power of two of rows of at most CHUNK_BYTES), so reading a window touches
+                                one or two chunks and a random batch of frames decompresses little
     <path>/meta/episode_ends    (num_episodes,) int64, EXCLUSIVE end row of each episode in data/<key>;
                                 episode i spans rows [episode_ends[i-1], episode_ends[i]) (start 0 for i=0)
 
@@ -40,6 +42,16 @@ import zarr
 FORMAT = "tmrl-episodes"
 VERSION = 1
 DEFAULT_CHUNK_ROWS = 8192
+CHUNK_BYTES = 256 * 1024  # a key's chunk shrinks (by halving its rows) until it holds at most this much
+
+
+def key_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
+    """Rows per chunk of a key of ``row_bytes`` bytes a step: ``chunk_rows``, halved while the chunk exceeds
+    CHUNK_BYTES and the rows stay a whole divisor of ``chunk_rows`` (so streamed writes stay aligned)."""
+    rows = chunk_rows
+    while rows % 2 == 0 and rows * row_bytes > CHUNK_BYTES:
+        rows //= 2
+    return rows
 RESERVED_ATTRS = ("format", "version", "keys", "num_episodes", "num_steps", "chunk_rows", "fingerprint")
 
 
@@ -77,10 +89,10 @@ class _Writer:
         self.chunk_rows = chunk_rows
         self.specs = {key: (_le(arr.dtype), tuple(arr.shape[1:])) for key, arr in episode0.items()}
         data = self.group.require_group("data")
-        self.arrays = {
-            key: data.create_array(key, shape=(0, *shape), chunks=(chunk_rows, *shape), dtype=dtype)
-            for key, (dtype, shape) in self.specs.items()
-        }
+        self.arrays = {}
+        for key, (dtype, shape) in self.specs.items():
+            rows = key_chunk_rows(chunk_rows, dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
+            self.arrays[key] = data.create_array(key, shape=(0, *shape), chunks=(rows, *shape), dtype=dtype)
         self.pending: dict[str, list[np.ndarray]] = {key: [] for key in self.specs}
         self.pending_rows = 0
         self.written = 0  # rows already in the zarr arrays

@@ -261,3 +261,20 @@ def test_import_ogbench_npz(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store.load("observation"), data["observations"])
     assert store.attrs["env"] == "pointmaze-large" and store.attrs["generator"] == "ogbench_npz"
     assert store.verify()
+
+
+def test_large_steps_get_small_chunks_of_whole_divisors(tmp_path):
+    from datamodules.episodes import CHUNK_BYTES, key_chunk_rows
+
+    assert key_chunk_rows(8192, 8) == 8192  # low-dimensional keys keep the time chunk
+    assert key_chunk_rows(8192, 64 * 64 * 3) == 16  # a 64x64 frame: 16 rows of 12 KB
+    assert key_chunk_rows(6, 10**6) == 3  # halving stops at an odd divisor
+    rng = np.random.default_rng(0)
+    episodes = [{"observation": rng.normal(size=(40, 2)).astype(np.float32),
+                 "frame": rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)} for _ in range(3)]  # fmt: skip
+    store = write_episodes(tmp_path / "f.zarr", episodes, chunk_rows=64)
+    rows = CHUNK_BYTES // (32 * 32 * 3)
+    assert store.array("frame").chunks[0] <= rows and 64 % store.array("frame").chunks[0] == 0
+    assert store.array("observation").chunks[0] == 64
+    np.testing.assert_array_equal(store.load("frame"), np.concatenate([e["frame"] for e in episodes]))
+    assert store.verify()

@@ -13,10 +13,9 @@ from tqdm import tqdm
 from app.tasks.maze.camera import MazeCamera, MazeCameraConfig
 from app.tasks.maze.config import ExpertConfig
 from app.tasks.maze.env import MazeExpert, goal_indices, make_maze_env, resolve_maze, rollout_expert
-from datamodules.episodes import DEFAULT_CHUNK_ROWS, EpisodeStore, write_episodes
+from datamodules.episodes import EpisodeStore, write_episodes
 
 VISUAL_PREFIX = "visual-"  # the visual maze task's env names: visual-pointmaze-medium, ...
-IMAGE_CHUNK_ROWS = 256  # steps per stored chunk of a camera store: 3 MB of 64 x 64 frames
 
 
 def generate_maze_demos(
@@ -38,8 +37,7 @@ def generate_maze_demos(
     ``generator``; they are what the data module needs to relabel goals without importing ``app.envs``.
 
     With a ``camera`` (the visual maze task) every step also stores IMAGE (C, H, W, 3) uint8 frames with
-    the goal marker at the expert's current goal, in chunks of ``IMAGE_CHUNK_ROWS`` steps (compressed, read
-    lazily); the attrs then name env ``visual-<maze>``, ``cameras``, ``image_size`` [H, W] and ``camera``.
+    the goal marker at the expert's current goal (compressed, in small chunks, read lazily); the attrs then name env ``visual-<maze>``, ``cameras``, ``image_size`` [H, W] and ``camera``.
     The episodes are those of the state store with the same arguments (the frames draw no randomness).
     """
     if episodes <= 0:
@@ -86,9 +84,8 @@ def generate_maze_demos(
             bar.update(episode_length)
 
     renderer = None if camera is None else MazeCamera(maze_env.unwrapped, camera)
-    chunk_rows = DEFAULT_CHUNK_ROWS if camera is None else IMAGE_CHUNK_ROWS
     try:
-        return write_episodes(out, stream(), attrs, overwrite=overwrite, chunk_rows=chunk_rows)
+        return write_episodes(out, stream(), attrs, overwrite=overwrite)
     finally:
         bar.close()
         if renderer is not None:

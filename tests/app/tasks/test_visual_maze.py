@@ -84,7 +84,7 @@ def test_camera_demos_are_the_state_demos_plus_frames(tmp_path):
     assert visual.attrs["env"] == "visual-pointmaze-medium" and visual.attrs["cameras"] == ["top", "follow"]
     assert visual.attrs["image_size"] == [32, 32]
     frames = visual.array(IMAGE)
-    assert frames.dtype == np.uint8 and frames.shape == (60, 2, 32, 32, 3) and frames.chunks[0] == 256
+    assert frames.dtype == np.uint8 and frames.shape == (60, 2, 32, 32, 3) and frames.chunks[0] == 32
     for key in (OBS, "action", "expert_goal"):  # rendering draws no randomness: the same episodes
         np.testing.assert_array_equal(visual.load(key), state.load(key))
     reopened = EpisodeStore.open(tmp_path / "visual.zarr")
