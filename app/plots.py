@@ -23,9 +23,13 @@ def frame_grid(frames: np.ndarray, path: str | Path, title: str = "", columns: i
     side, wrapped into ``columns`` samples per row of the figure; written to ``path``."""
     frames = np.asarray(frames)
     if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frame_grid: frames are {frames.dtype} {frames.shape}; expected uint8 (N, V, H, W, 3)")
+        raise ValueError(
+            f"frame_grid: frames are {frames.dtype} {frames.shape}; expected uint8 (N, V, H, W, 3)"
+        )
     n, views, h, w, _ = frames.shape
-    tiles = np.concatenate(list(frames.transpose(1, 0, 2, 3, 4)), axis=2)  # (N, H, V * W, 3): views side by side
+    tiles = np.concatenate(
+        list(frames.transpose(1, 0, 2, 3, 4)), axis=2
+    )  # (N, H, V * W, 3): views side by side
     columns = max(1, min(columns, n))
     rows = -(-n // columns)
     pad = np.full((rows * columns - n, h, views * w, 3), 255, np.uint8)

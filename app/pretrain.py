@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import mlflow
+import numpy as np
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -26,6 +27,7 @@ from app.tasks.registry import task_of_context
 from datamodules.episodes import EpisodeStore
 from datamodules.state import StateDataConfig, WindowDataModule
 from modules.csp import CSPModule
+from modules.nets.keys import IMAGE
 from modules.nets.policy import CSPPolicy
 
 RUN_ID_ENV = "TMRL_RUN_ID"
@@ -154,6 +156,8 @@ def fit(cfg: FitConfig) -> str:
         )
         tracking.log_params(client, run_id, {**flatten(cfg), "data.fingerprint": store.fingerprint})
         client.log_text(run_id, to_yaml(cfg), "config.yaml")
+        if IMAGE in policy.input_keys:
+            log_input_frames(client, run_id, dm)
     elif resumed_run:
         client.update_run(run_id, status="RUNNING")
     placeholder = run_id.startswith("rank")
@@ -178,6 +182,18 @@ def fit(cfg: FitConfig) -> str:
             os.environ.pop(RUN_ID_ENV, None)
             tracking.end_run(client, run_id, ok=ok)
     return run_id
+
+
+def log_input_frames(client, run_id: str, dm: WindowDataModule, count: int = 16) -> None:
+    """Log ``plots/input_frames.png``: the frames of ``count`` training windows, spread over the training set
+    and augmented as training sees them (what the policy is given, to check before the curves come)."""
+    from app.plots import frame_grid
+
+    picks = np.linspace(0, len(dm.train_set) - 1, num=min(count, len(dm.train_set))).astype(int)
+    frames = np.stack([dm.train_set[int(i)][IMAGE].numpy() for i in picks])  # (N, V, H, W, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        title = f"training inputs: {len(picks)} windows of {dm.cfg.path} (augmented)"
+        client.log_artifact(run_id, str(frame_grid(frames, Path(tmp) / "input_frames.png", title)), "plots")
 
 
 def _finish(

@@ -52,6 +52,8 @@ def key_chunk_rows(chunk_rows: int, row_bytes: int) -> int:
     while rows % 2 == 0 and rows * row_bytes > CHUNK_BYTES:
         rows //= 2
     return rows
+
+
 RESERVED_ATTRS = ("format", "version", "keys", "num_episodes", "num_steps", "chunk_rows", "fingerprint")
 
 

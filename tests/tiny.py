@@ -19,6 +19,8 @@ BASES = {  # overlay in configs/tiny/ -> the shipped config it shrinks
     "csp_pointcloud": "csp_pointcloud.yaml",
     "tmrl": "tmrl_pointmaze.yaml",
     "tmrl_cube": "tmrl_cube.yaml",
+    "csp_image": "csp_image.yaml",
+    "tmrl_image": "tmrl_image.yaml",
 }
 
 

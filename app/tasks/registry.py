@@ -18,10 +18,12 @@ from app.config import ConfigError, find_config_file
 from app.tasks.base import Task
 from app.tasks.cube.task import CubeTask
 from app.tasks.maze.task import MazeTask
+from app.tasks.maze.visual import VisualMazeTask
 
 TASKS: dict[str, Task] = {
     "maze": MazeTask(),
     "cube": CubeTask(),
+    "visual-maze": VisualMazeTask(),
 }
 
 

@@ -6,7 +6,7 @@ need torch alone, so a TMRL job or a robot loads it without Lightning.
 """
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from os import PathLike
 from typing import Any
 
@@ -25,6 +25,7 @@ from modules.nets.checkpoint import (
 from modules.nets.contexts import CONTEXTS
 from modules.nets.contexts.base import fetch
 from modules.nets.encoders import ENCODERS
+from modules.nets.image import ImageEncoderConfig
 from modules.nets.keys import ACTION, OBS
 from modules.nets.normalizer import MinMax
 from modules.nets.pointnet import POINTNET_WIDTHS, NoiseCodeMap
@@ -39,8 +40,11 @@ class PolicyConfig:
     Attributes:
         context_mode: key of ``modules.nets.contexts.CONTEXTS``, what gets noised and how it is encoded:
             "goal" (the goal; the observation is clean), "observation" (observation ++ goal, if any) or
-            "pointcloud" (the xyz of ``batch[POINTCLOUD]`` (B, N, 3), by a PointNet; the rest is clean).
-        encoder: key of ``ENCODERS`` for the low-dim context encoders (pointcloud mode: the clean one).
+            "pointcloud" (the xyz of ``batch[POINTCLOUD]`` (B, N, 3), by a PointNet; the rest is clean) or
+            "image_embedding" (the normalized embedding of the frames ``batch[IMAGE]`` (B, V, H, W, 3) by
+            ``image_encoder``; the rest is clean).
+        encoder: key of ``ENCODERS`` for the low-dim context encoders (pointcloud mode: the clean one;
+            image_embedding: the clean one and the embedding's).
         chunk_len: L, actions per generated chunk.
         width, depth, heads, mlp_ratio: transformer size (width must be divisible by heads).
         schedule: key of ``SCHEDULES``, the context-noise schedule over sigma in [0, 1].
@@ -50,6 +54,8 @@ class PolicyConfig:
         pointnet_widths: per-point MLP widths of the PointNet (pointcloud mode only).
         context_code_dim: d > 0 adds a fixed map from a d-dim code to eps_c (``context_noise_from_code``),
             the low-dimensional eps_c parameterization TMRL needs for large contexts; 0: none.
+        image_encoder: the camera-frame encoder (image_embedding mode only; a dict of its fields is
+            converted): timm backbone, weights, norm, frames' size and views.
     """
 
     context_mode: str = "goal"
@@ -64,8 +70,10 @@ class PolicyConfig:
     num_points: int = 0
     pointnet_widths: list[int] = field(default_factory=lambda: list(POINTNET_WIDTHS))
     context_code_dim: int = 0
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
 
     def __post_init__(self) -> None:
+        self.image_encoder = ImageEncoderConfig.from_value(self.image_encoder)  # a checkpoint holds a dict
         choices = {"context_mode": list(CONTEXTS), "encoder": sorted(ENCODERS), "schedule": sorted(SCHEDULES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -116,7 +124,8 @@ class CSPPolicy(nn.Module):
             (``context.obs_norm``, ``context.goal_norm``, ``context.cloud_norm``...) and encoders
             (``context.clean_encoder``, ``context.noised_encoder``).
         context_dim: d_c, size of the NOISED context and of eps_c (goal: d_g; observation: d_o + d_g;
-            pointcloud: N * 3, eps_c flat (B, N * 3), point i's xyz at [3i, 3i + 3)).
+            pointcloud: N * 3, eps_c flat (B, N * 3), point i's xyz at [3i, 3i + 3); image_embedding:
+            V * D, view v's embedding noise at [v * D, (v + 1) * D)).
         action_norm: MinMax normalizer of the actions onto [-1, 1].
     """
 
@@ -229,8 +238,9 @@ class CSPPolicy(nn.Module):
         """float32 (B, feature_dim) on the policy's device: the noised-part encoder of the CLEAN context.
 
         What a fine-tuning agent sees instead of a high-dimensional context (pointcloud: the PointNet of
-        the normalized cloud). ``obs`` holds ``input_keys`` in raw units. Raises ValueError when the mode
-        has none (feature_dim 0: goal and observation modes).
+        the normalized cloud; image_embedding: the encoder of the clean embedding). ``obs`` holds
+        ``input_keys`` in raw units. Raises ValueError when the mode has none (feature_dim 0: goal and
+        observation modes).
         """
         return self.context.features(obs, self._dtype()).float()
 
@@ -299,7 +309,8 @@ class CSPPolicy(nn.Module):
 
         Args:
             obs: the ``input_keys`` in raw units: batch[OBS] (B, d_o), batch[GOAL] (B, d_g) if
-                goal_dim > 0, batch[POINTCLOUD] (B, N, 3) in pointcloud mode.
+                goal_dim > 0, batch[POINTCLOUD] (B, N, 3) in pointcloud mode, batch[IMAGE] (B, V, H, W, 3)
+                uint8 in image_embedding mode.
             sigma: context-noise level in [0, 1], REQUIRED: a float or 0-dim tensor is broadcast
                 to the batch, or one per sample (B,).
             action_noise: z (B, L, d_a), the start of the flow at tau = 1; N(0, I) if None.
@@ -346,13 +357,18 @@ class CSPPolicy(nn.Module):
         """Rebuild a policy (in eval mode) from ``to_checkpoint``'s dict, of any readable version.
 
         A version-1 dict (no sensor, the context's modules at the top level) is read with sensor {}
-        (see ``modules.nets.checkpoint.read_checkpoint``).
+        (see ``modules.nets.checkpoint.read_checkpoint``). An image backbone is built without its weight
+        sources (no ``image_encoder.weights`` file is read, nothing is fetched by timm): the state_dict
+        holds its weights; ``policy.cfg`` keeps the saved config.
         """
         config, dims, sensor, state_dict = read_checkpoint(ckpt)
         try:
-            policy = cls(PolicyConfig(**config), **dims, sensor=sensor)
+            cfg = PolicyConfig(**config)
+            offline = replace(cfg, image_encoder=cfg.image_encoder.without_weight_sources())
+            policy = cls(offline, **dims, sensor=sensor)
         except TypeError as err:  # unknown config field or dims key
             raise ValueError(f"policy checkpoint has a bad config or dims: {err}") from err
+        policy.cfg = cfg  # saving again writes the config as it was trained
         try:
             policy.load_state_dict(state_dict)
         except RuntimeError as err:  # missing/unexpected keys or shapes that disagree with dims

@@ -270,8 +270,13 @@ def test_large_steps_get_small_chunks_of_whole_divisors(tmp_path):
     assert key_chunk_rows(8192, 64 * 64 * 3) == 16  # a 64x64 frame: 16 rows of 12 KB
     assert key_chunk_rows(6, 10**6) == 3  # halving stops at an odd divisor
     rng = np.random.default_rng(0)
-    episodes = [{"observation": rng.normal(size=(40, 2)).astype(np.float32),
-                 "frame": rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)} for _ in range(3)]  # fmt: skip
+    episodes = [
+        {
+            "observation": rng.normal(size=(40, 2)).astype(np.float32),
+            "frame": rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8),
+        }  # fmt: skip
+        for _ in range(3)
+    ]
     store = write_episodes(tmp_path / "f.zarr", episodes, chunk_rows=64)
     rows = CHUNK_BYTES // (32 * 32 * 3)
     assert store.array("frame").chunks[0] <= rows and 64 % store.array("frame").chunks[0] == 0

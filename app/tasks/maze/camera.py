@@ -51,7 +51,9 @@ class MazeCameraConfig:
             raise ValueError(f"camera.cameras={self.cameras!r}; expected a non-empty list of {list(CAMERAS)}")
         self.cameras = [str(c) for c in self.cameras]
         if unknown := [c for c in self.cameras if c not in CAMERAS]:
-            raise ValueError(f"camera.cameras has unknown cameras {unknown}; expected names from {list(CAMERAS)}")
+            raise ValueError(
+                f"camera.cameras has unknown cameras {unknown}; expected names from {list(CAMERAS)}"
+            )
         for name in ("width", "height"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 1024:

@@ -37,7 +37,8 @@ def generate_maze_demos(
     ``generator``; they are what the data module needs to relabel goals without importing ``app.envs``.
 
     With a ``camera`` (the visual maze task) every step also stores IMAGE (C, H, W, 3) uint8 frames with
-    the goal marker at the expert's current goal (compressed, in small chunks, read lazily); the attrs then name env ``visual-<maze>``, ``cameras``, ``image_size`` [H, W] and ``camera``.
+    the goal marker at the expert's current goal (compressed, in small chunks, read lazily); the attrs
+    then name env ``visual-<maze>``, ``cameras``, ``image_size`` [H, W] and ``camera``.
     The episodes are those of the state store with the same arguments (the frames draw no randomness).
     """
     if episodes <= 0:

@@ -248,9 +248,10 @@ def rollout_expert(
     Returns:
         ``{"observation": (T, obs_dim) float32, "action": (T, 2) float32, "expert_goal": (T, 2) float32}``:
         the observation at which each action was taken, that action, and the goal the expert was heading
-        for; with a ``camera`` also IMAGE (T, C, H, W, 3) uint8, the frames at each observation with the
-        goal marker at that step's expert goal. The last marks the episode's segments (one per goal), within which every later state lies on
+        for. The last marks the episode's segments (one per goal), within which every later state lies on
         a shortest path from every earlier one: what segment-limited hindsight relabelling relies on.
+        With a ``camera`` also IMAGE (T, C, H, W, 3) uint8: the frames at each observation, the goal
+        marker at that step's expert goal.
     """
     if length <= 0:
         raise ValueError(f"rollout_expert: length must be > 0, got {length}")

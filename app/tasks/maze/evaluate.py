@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from app.tasks.registry import TaskConfig
 from tqdm import tqdm
 
 from app.plots import pyplot
@@ -26,6 +25,7 @@ from app.tasks.maze.backend import NUM_TASKS, BatchedMaze
 from app.tasks.maze.camera import MazeCameraConfig
 from app.tasks.maze.config import EvalConfig
 from app.tasks.maze.env import make_maze_env
+from app.tasks.registry import TaskConfig
 from app.tasks.rollout import policy_sampler, rollout
 from modules.nets.policy import CSPPolicy
 

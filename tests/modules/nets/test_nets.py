@@ -98,7 +98,7 @@ def test_policy_construction_errors_and_dims() -> None:
 
 
 def test_the_registry_drives_the_config() -> None:
-    assert list(CONTEXTS) == ["goal", "observation", "pointcloud"]
+    assert list(CONTEXTS) == ["goal", "observation", "pointcloud", "image_embedding"]
     names = str(list(CONTEXTS)).replace("[", r"\[").replace("]", r"\]")
     with pytest.raises(ValueError, match=rf"PolicyConfig.context_mode='image'; expected one of {names}"):
         tiny_config(context_mode="image")
