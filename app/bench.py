@@ -195,7 +195,21 @@ def unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
         stats |= {"goal_mean": np.zeros(d_g), "goal_std": np.ones(d_g)}
     if "pointcloud_center" in policy.stats_keys:
         stats |= {"pointcloud_center": np.array([0.425, 0.0, 0.1]), "pointcloud_scale": np.array([0.2])}
+    if "image_mean" in policy.stats_keys:
+        stats |= {"image_mean": np.full(3, 0.5), "image_std": np.full(3, 0.25)}
     return stats
+
+
+def features_per_s(env, calls: int) -> float:
+    """Observations/s of the frozen policy's context encoder (the decoder's ``features``: a PointNet, an
+    image backbone) at the env batch, on one fixed observation."""
+    env.reset()
+    obs = env._observation()
+    env.decoder.features(obs)  # first call allocates
+    start = time.perf_counter()
+    for _ in range(calls):
+        env.decoder.features(obs)
+    return calls * env.batch_size[0] / (time.perf_counter() - start)
 
 
 def env_steps_per_s(backend: Backend, steps: int) -> float:
@@ -273,6 +287,7 @@ def bench_finetune(
         r_cloud = sensor_per_s(backend, 4 * n) if clouds else float("inf")
         backend.close()
         r_sample = sampling_env_steps_per_s(p.env, h, 50)
+        r_feat = features_per_s(p.env, 20) if clouds else float("inf")
         start = time.perf_counter()
         counters = run_loop(cfg, p, RunHooks())
         r_loop = counters["env_steps"] / (time.perf_counter() - start)
@@ -292,6 +307,8 @@ def bench_finetune(
     if clouds:
         # seconds making clouds per env step over seconds per env step of the whole loop
         figures |= {"clouds_per_s": r_cloud, "cloud_share_of_step": r_loop / (r_cloud * h)}
+        # the context encoder runs twice per chunk: the agent's features and the chunk sample's condition
+        figures |= {"encoder_per_s": r_feat, "encoder_share_of_step": 2 * r_loop / (r_feat * h)}
         what = ", ".join(f"{k} {sensor[k]}" for k in ("num_points", "cameras") if k in sensor)
         print(
             f"  sensor alone           {r_cloud:9.1f} observations/s ({what}): "
@@ -310,4 +327,8 @@ def bench_finetune(
     )
     if clouds:
         print(f"  the sensor's share of a fine-tuning env step: {figures['cloud_share_of_step']:.0%}")
+        print(
+            f"  context encoder alone  {r_feat:9.0f} observations/s (batch {n}); twice per chunk, its share "
+            f"of a fine-tuning env step: {figures['encoder_share_of_step']:.0%}"
+        )
     return figures

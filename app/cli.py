@@ -118,6 +118,10 @@ def cmd_demos(args: argparse.Namespace) -> None:
 
     task = task_of_env(args.env)
     options = dict(num_points=args.num_points, robot_geometry=args.robot_geometry, variation=args.variation)
+    if args.cameras is not None:
+        options["cameras"] = [c.strip() for c in args.cameras.split(",") if c.strip()]
+    if args.image_size is not None:
+        options["width"] = options["height"] = args.image_size
     options = {k: v for k, v in options.items() if v is not None}
     demos = task.demo_config(args.env, args.episodes, args.length, args.seed, args.noise_std, options)
     store = task.generate_demos(demos, args.out, overwrite=args.overwrite)
@@ -196,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demos", help="generate scripted-expert demonstrations into an episode store")
     p.add_argument(
-        "--env", default="pointmaze-large", help="pointmaze-{medium,large,giant,teleport} or cube-single"
+        "--env",
+        default="pointmaze-large",
+        help="pointmaze-{medium,large,giant,teleport}, visual-pointmaze-{...} (camera frames) or cube-single",
     )
     p.add_argument("--episodes", type=int, required=True)
     p.add_argument("--out", required=True, help="episode store path, e.g. data/pointmaze-large.zarr")
@@ -213,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-points", type=int, default=None, help="cube: points per cloud (512)")
     p.add_argument("--robot-geometry", default=None, help="cube: visual | collision | none (visual)")
     p.add_argument("--variation", default=None, help="cube: train | heldout (train)")
+    p.add_argument(
+        "--cameras", default=None, help="cameras, comma-separated (visual maze: top,follow; cube: left,right)"
+    )
+    p.add_argument("--image-size", type=int, default=None, help="frame width = height, pixels (64)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demos)
 

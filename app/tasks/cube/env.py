@@ -27,16 +27,13 @@ a uniform random action with probability ``p_random_action``, and a new target w
 from __future__ import annotations
 
 import os
+from typing import Any
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless; must be set before mujoco creates a GL context
+import gymnasium
+import mujoco
+import numpy as np
 
-from typing import Any  # noqa: E402
-
-import gymnasium  # noqa: E402
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-
-from app.tasks.cube.config import (  # noqa: E402
+from app.tasks.cube.config import (
     ACTION_DIM,
     CAMERAS,
     CUBE_Z,
@@ -49,14 +46,14 @@ from app.tasks.cube.config import (  # noqa: E402
     CubeConfig,
     OracleConfig,
 )
-from app.tasks.cube.pointcloud import (  # noqa: E402
+from app.tasks.cube.pointcloud import (
     Intrinsics,
     depths_to_pointcloud,
     free_camera_pose,
     intrinsics_from_fovy,
     pose_from_pos_xmat,
 )
-from app.tasks.maze.env import seeded_global_numpy  # noqa: E402
+from app.tasks.maze.env import seeded_global_numpy
 
 
 class CubePointCloudEnv:

@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless; must be set before mujoco creates a GL context
-
 CAMERAS = ("top", "follow")
 
 

@@ -87,6 +87,12 @@ class VisualMazeTask(MazeTask):
         self, env: str, episodes: int, length: int | None, seed: int, noise_std: float | None,
         options: Mapping[str, Any],
     ) -> VisualMazeDemoConfig:  # fmt: skip
+        known = {f.name for f in dataclasses.fields(MazeCameraConfig)}
+        if unknown := sorted(set(options) - known):
+            flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
+            raise ValueError(
+                f"{flags} do(es) not apply to {env!r}; its camera takes --cameras and --image-size"
+            )
         state = super().demo_config(base_maze(env), episodes, length, seed, noise_std, {})
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
         fields["env"] = VISUAL_PREFIX + state.env

@@ -108,3 +108,27 @@ def test_the_visual_maze_owns_its_names_and_the_image_context():
         task.make_backend(TaskConfig(env="visual-pointmaze-medium"), 1, 0, {"fov": 1})
     demos = task.demo_config("visual-pointmaze-medium", 3, None, 0, None, {"width": 48, "height": 48})
     assert demos.env == "visual-pointmaze-medium" and demos.camera.frame_shape == (1, 48, 48, 3)
+    with pytest.raises(ValueError, match="--num-points do"):
+        task.demo_config("visual-pointmaze-medium", 3, None, 0, None, {"num_points": 5})
+
+
+def test_tmrl_demos_writes_a_camera_store(tmp_path, capsys):
+    from app.cli import main
+
+    out = tmp_path / "v.zarr"
+    args = [
+        "demos",
+        "--env",
+        "visual-pointmaze-medium",
+        "--episodes",
+        "1",
+        "--length",
+        "12",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--cameras", "top,follow", "--image-size", "24"]) == 0
+    store = EpisodeStore.open(out)
+    assert store.array(IMAGE).shape == (12, 2, 24, 24, 3) and store.attrs["cameras"] == ["top", "follow"]
+    assert main([*args, "--overwrite", "--num-points", "8"]) == 2
+    assert "--num-points do(es) not apply" in capsys.readouterr().err
