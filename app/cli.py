@@ -95,14 +95,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import yaml
 
     from app import tracking
-    from app.tasks.registry import task_of_context
+    from app.tasks.registry import task_of_fit
     from modules.nets.policy import CSPPolicy
 
     uri = tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri))
     with tempfile.TemporaryDirectory() as tmp:
         files = tracking.fetch_pretrain_run(uri, args.from_run, tmp)
         data = yaml.safe_load(files["config"].read_text()) or {}
-        task = task_of_context(((data.get("policy") or {}).get("context_mode")) or "goal")
+        mode = (data.get("policy") or {}).get("context_mode") or "goal"
+        task = task_of_fit(mode, (data.get("demos") or {}).get("env"))
         files["config"].write_text(yaml.safe_dump(task.upgrade_run_config(data), sort_keys=False))
         cfg = load_config(task.fit_schema(), files["config"], args.overrides)
         policy = CSPPolicy.load(files["policy"])
@@ -140,11 +141,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_bench_finetune(args: argparse.Namespace) -> None:
     from app.bench import bench_finetune
     from app.finetune import FinetuneConfig
-    from app.tasks.registry import fit_schema, task_of_context
+    from app.pretrain import fit_task
+    from app.tasks.registry import fit_schema
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     fit_cfg = load_config(fit_schema(args.policy_config), args.policy_config)
-    sensor = task_of_context(fit_cfg.policy.context_mode).sensor(fit_cfg)
+    sensor = fit_task(fit_cfg).sensor(fit_cfg)
     bench_finetune(cfg, fit_cfg.policy, env_steps=args.env_steps, sensor=sensor)
 
 

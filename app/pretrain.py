@@ -23,7 +23,7 @@ from app import tracking
 from app.config import flatten, to_yaml
 from app.schema import DemoConfig, FitConfig
 from app.tasks.base import Task
-from app.tasks.registry import task_of_context
+from app.tasks.registry import task_of_fit
 from datamodules.episodes import EpisodeStore
 from datamodules.state import StateDataConfig, WindowDataModule
 from modules.csp import CSPModule
@@ -128,8 +128,8 @@ def make_datamodule(cfg: FitConfig) -> WindowDataModule:
 
 
 def fit_task(cfg: FitConfig) -> Task:
-    """The task a fit config pre-trains on: the one its ``policy.context_mode`` feeds."""
-    return task_of_context(cfg.policy.context_mode)
+    """The task a fit config pre-trains on: ``demos.env``'s when it feeds ``policy.context_mode``."""
+    return task_of_fit(cfg.policy.context_mode, cfg.demos.env)
 
 
 def fit(cfg: FitConfig) -> str:

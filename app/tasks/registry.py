@@ -51,11 +51,24 @@ def task_of_context(mode: str) -> Task:
     raise ValueError(f"no task feeds policy.context_mode={mode!r}; known modes: {known}")
 
 
+def task_of_fit(mode: str, env: str | None = None) -> Task:
+    """The task a fit pre-trains on: the one owning ``env`` (its ``demos.env``) if it feeds context ``mode``,
+    else the first task that feeds ``mode`` (which then refuses a ``demos.env`` it does not own)."""
+    if env:
+        try:
+            task = task_of_env(env)
+        except ValueError:
+            task = None
+        if task is not None and mode in task.context_modes:
+            return task
+    return task_of_context(mode)
+
+
 def fit_schema(path: str | Path | None, overrides: Sequence[str] = ()) -> type:
-    """The schema a fit config is read with: that of the task feeding its ``policy.context_mode`` (the
-    file's, or a ``policy.context_mode=`` override); the maze's when unset or unknown (the loader then
-    names the bad value)."""
-    mode = None
+    """The schema a fit config is read with: that of ``task_of_fit`` for its ``policy.context_mode`` and
+    ``demos.env`` (the file's, or ``policy.context_mode=`` / ``demos.env=`` overrides); the maze's when the
+    mode is unset or unknown (the loader then names the bad value)."""
+    mode = env = None
     try:
         found = find_config_file(path) if path is not None else None
     except ConfigError:  # a missing file: the loader reports it
@@ -64,12 +77,16 @@ def fit_schema(path: str | Path | None, overrides: Sequence[str] = ()) -> type:
         data = yaml.safe_load(Path(found).read_text()) or {}
         policy = data.get("policy") if isinstance(data, dict) else None
         mode = policy.get("context_mode") if isinstance(policy, dict) else None
+        demos = data.get("demos") if isinstance(data, dict) else None
+        env = demos.get("env") if isinstance(demos, dict) else None
     for item in overrides:
         key, _, value = item.partition("=")
         if key.strip() == "policy.context_mode":
             mode = value.strip()
+        elif key.strip() == "demos.env":
+            env = value.strip()
     try:
-        return task_of_context(str(mode)).fit_schema()
+        return task_of_fit(str(mode), str(env) if env else None).fit_schema()
     except ValueError:
         return TASKS["maze"].fit_schema()
 

@@ -10,21 +10,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.tasks.registry import TASKS, TaskConfig, env_names, fit_schema, task_of_context, task_of_env
+from app.tasks.registry import (
+    TASKS,
+    TaskConfig,
+    env_names,
+    fit_schema,
+    task_of_context,
+    task_of_env,
+    task_of_fit,
+)
 from app.tasks.rollout import rollout, run_chunk
 from modules.nets.keys import GOAL, OBS
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def test_every_env_name_and_context_mode_has_exactly_one_task() -> None:
+def test_every_env_name_has_exactly_one_task_and_a_fit_finds_it() -> None:
     names = env_names()
     assert len(names) == len(set(names)) and "pointmaze-large" in names and "cube-single" in names
     for task in TASKS.values():
         for env in task.env_names:
             assert task_of_env(env) is task
+            for mode in task.context_modes:
+                assert task_of_fit(mode, env) is task  # a mode several tasks feed: demos.env decides
         for mode in task.context_modes:
-            assert task_of_context(mode) is task
+            assert mode in task_of_context(mode).context_modes
+    # demos.env of a task that does not feed the mode: the mode's task (which then refuses the env)
+    assert task_of_fit("pointcloud", "pointmaze-large") is TASKS["cube"]
     assert task_of_env("pointmaze-large-navigate-v0") is TASKS["maze"]  # OGBench ids too
     assert task_of_env("cube-single-v0") is TASKS["cube"]
 
