@@ -21,6 +21,8 @@ BASES = {  # overlay in configs/tiny/ -> the shipped config it shrinks
     "tmrl_cube": "tmrl_cube.yaml",
     "csp_image": "csp_image.yaml",
     "tmrl_image": "tmrl_image.yaml",
+    "csp_image_cube": "csp_image_cube.yaml",
+    "tmrl_image_cube": "tmrl_image_cube.yaml",
 }
 
 

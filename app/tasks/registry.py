@@ -17,6 +17,7 @@ import yaml
 from app.config import ConfigError, find_config_file
 from app.tasks.base import Task
 from app.tasks.cube.task import CubeTask
+from app.tasks.cube.visual import VisualCubeTask
 from app.tasks.maze.task import MazeTask
 from app.tasks.maze.visual import VisualMazeTask
 
@@ -24,6 +25,7 @@ TASKS: dict[str, Task] = {
     "maze": MazeTask(),
     "cube": CubeTask(),
     "visual-maze": VisualMazeTask(),
+    "visual-cube": VisualCubeTask(),
 }
 
 

@@ -23,6 +23,7 @@ from modules.nets.keys import IMAGE
 from modules.nets.normalizer import _MIN_SCALE, _as_stat
 
 NORMS = ("batch", "group")
+EMBED_NORMS = ("dataset", "layer")
 _WHERE = "policy.image_encoder"  # the config key every error message names
 _SOURCE_PREFIXES = ("hf-hub:", "local-dir:")  # timm names that point at a source, not the registry
 
@@ -43,6 +44,12 @@ class ImageEncoderConfig:
             statistics fixed) even when the policy trains.
         image_size: [H, W], the size every frame must have.
         views: V, frames per sample (cameras x stacked frames).
+        embed_norm: how the embedding is brought to a fixed scale before CSP noises it. "dataset": each
+            feature standardized by statistics over the data (batch statistics in training, their running
+            averages, carried in the checkpoint, at evaluation): unit variance ACROSS frames, as the
+            low-dimensional contexts' z-scores, so sigma is measured against how contexts differ.
+            "layer": a LayerNorm without affine per view (mean 0, std 1 across each frame's D features);
+            what is common to every frame (a static scene) then dominates it.
     """
 
     name: str = "resnet18"
@@ -52,6 +59,7 @@ class ImageEncoderConfig:
     frozen: bool = False
     image_size: list[int] = field(default_factory=lambda: [64, 64])
     views: int = 1
+    embed_norm: str = "dataset"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +90,8 @@ class ImageEncoderConfig:
         ):
             raise ValueError(f"{_WHERE}.image_size={size!r}; expected [H, W], two integers >= 8")
         self.image_size = list(size)
+        if self.embed_norm not in EMBED_NORMS:
+            raise ValueError(f"{_WHERE}.embed_norm={self.embed_norm!r}; expected one of {list(EMBED_NORMS)}")
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
             raise ValueError(f"{_WHERE}.views={self.views!r}; expected an integer >= 1 (cameras x frames)")
 
@@ -231,12 +241,47 @@ def normalize_embedding(x: Tensor) -> Tensor:
     return F.layer_norm(scaled, scaled.shape[-1:], eps=1e-8)
 
 
+class DatasetNorm(nn.Module):
+    """Per-feature standardization by data statistics, no affine parameters: (B, F) -> (B, F).
+
+    Training: each feature standardized by the batch's mean and variance, whose running averages
+    (``momentum``) are updated; evaluation: by the running averages. The variance floor is relative to the
+    features' own mean variance, so features of any scale (1e-4 or 1e4) come out at unit scale, and a
+    feature constant over the data stays 0 instead of amplifying rounding noise.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.01) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("tracked", torch.zeros((), dtype=torch.long))  # batches seen in training
+
+    @staticmethod
+    def standardize(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        floor = 1e-6 * var.mean() + torch.finfo(var.dtype).tiny
+        return (x - mean) / torch.sqrt(var + floor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] > 1:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            with torch.no_grad():
+                # the first batch sets the statistics outright: no bias towards the initial 0 and 1
+                m = 1.0 if int(self.tracked) == 0 else self.momentum
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_(var.detach().to(self.running_var.dtype), m)
+                self.tracked += 1
+            return self.standardize(x, mean, var)
+        return self.standardize(x, self.running_mean.to(x.dtype), self.running_var.to(x.dtype))
+
+
 class ImageEncoder(nn.Module):
     """(B, V, H, W, 3) RGB frames (uint8, or float in [0, 255]) -> (B, V * D) per-view normalized embeddings.
 
     Pixels are scaled to [0, 1], standardized per channel by the buffers ``image_mean`` / ``image_std``
     (``set_stats``; defaults 0.5 / 0.25), encoded by ``build_backbone(cfg)`` view by view and each
-    view's D features normalized by ``normalize_embedding``.
+    view's D features normalized by ``cfg.embed_norm``: ``DatasetNorm`` over the V * D features, or
+    ``normalize_embedding`` per view.
 
     Args:
         cfg: the encoder config (frames must be ``cfg.views`` x ``cfg.image_size``).
@@ -255,6 +300,7 @@ class ImageEncoder(nn.Module):
         self.register_buffer("image_std", torch.full((3,), 0.25))
         self.embed_dim = self._probe_dim(cfg.name)
         self.out_dim = self.views * self.embed_dim
+        self.embed_norm = DatasetNorm(self.out_dim) if cfg.embed_norm == "dataset" else None
         if self.frozen:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -316,4 +362,6 @@ class ImageEncoder(nn.Module):
         x = x.flatten(0, 1).permute(0, 3, 1, 2).contiguous()
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
             feats = self.backbone(x)  # (B * V, D)
-        return normalize_embedding(feats).reshape(b, self.views * self.embed_dim)
+        if self.embed_norm is not None:
+            return self.embed_norm(feats.reshape(b, self.out_dim))
+        return normalize_embedding(feats).reshape(b, self.out_dim)

@@ -1,9 +1,11 @@
-"""N point-cloud cube envs stepped together at the numpy level: the backend of cube fine-tuning and of the
-cube's zero-shot evaluation (the counterpart of :class:`app.tasks.maze.backend.BatchedMaze`).
+"""N cube envs stepped together at the numpy level: the backend of cube fine-tuning and of the cube's
+zero-shot evaluation (the counterpart of :class:`app.tasks.maze.backend.BatchedMaze`), for either sensor
+output (``CubeConfig.output``): point clouds (the cube task) or RGB frames (the visual cube task).
 
-Rendering is the expensive part (one depth render per camera, ~25 ms each), so physics steps never render:
-``pointcloud`` rows are marked stale by ``step``/``reset`` and rendered only when ``observe_clouds`` is
-called, which a chunked env does once per chunk, at the observation the next chunk is decided from.
+Rendering is the expensive part (one depth render per camera, ~25 ms each; an RGB frame ~90 ms with the
+robot's meshes), so physics steps never render: sensor rows are marked stale by ``step``/``reset`` and
+rendered only when ``observe`` asks for them, which a chunked env does once per chunk, at the observation
+the next chunk is decided from.
 
 Episodes end at success (``terminated``: the cube within 0.04 m of the target, OGBench's own test) or after
 ``config.max_episode_steps`` steps (``truncated``); the reward is 1.0 on success, else 0.0, as for the mazes.
@@ -18,7 +20,7 @@ import numpy as np
 from app.tasks.base import SubEnvBatch
 from app.tasks.cube.config import ACTION_DIM, GOAL_DIM, PROPRIO_DIM, CubeConfig
 from app.tasks.cube.env import CubePointCloudEnv
-from modules.nets.keys import GOAL, OBS, POINTCLOUD
+from modules.nets.keys import GOAL, IMAGE, OBS, POINTCLOUD
 
 
 class BatchedCube(SubEnvBatch):
@@ -28,7 +30,9 @@ class BatchedCube(SubEnvBatch):
 
     Attributes:
         observation: (N, 19) float32 proprioceptive state; goal: (N, 3) float32 target cube centre.
-        pointcloud: (N, P, 3) float32 world-frame clouds, valid for a row after ``observe_clouds``.
+        pointcloud: (N, P, 3) float32 world-frame clouds (``output`` "pointcloud", else None), or
+        image: (N, C, H, W, 3) uint8 RGB frames (``output`` "image", else None); a row's is valid after
+            ``render_stale`` (or ``observe``) asked for it.
         cube: (N, 3) float32 cube centres (the achieved goal).
         reward, terminated, truncated, success, step_count: per-row, as in ``BatchedMaze``.
     """
@@ -41,17 +45,19 @@ class BatchedCube(SubEnvBatch):
         self.config, self.num_envs = config, num_envs
         self.max_episode_steps = config.max_episode_steps
         self._envs = [CubePointCloudEnv(config) for _ in range(num_envs)]
-        n, p = num_envs, config.num_points
+        n, (shape, dtype) = num_envs, self._envs[0].output_spec
         self.observation = np.zeros((n, self.obs_dim), np.float32)
         self.goal = np.zeros((n, self.goal_dim), np.float32)
         self.cube = np.zeros((n, 3), np.float32)
-        self.pointcloud = np.zeros((n, p, 3), np.float32)
+        self._sensed = np.zeros((n, *shape), dtype)  # the sensor's latest output per row
+        self.pointcloud = self._sensed if config.output == POINTCLOUD else None
+        self.image = self._sensed if config.output == IMAGE else None
         self.reward = np.zeros(n, np.float32)
         self.terminated = np.zeros(n, bool)
         self.truncated = np.zeros(n, bool)
         self.success = np.zeros(n, bool)
         self.step_count = np.zeros(n, np.int64)
-        self._stale = np.ones(n, bool)  # pointcloud rows that no longer show their scene
+        self._stale = np.ones(n, bool)  # sensor rows that no longer show their scene
         self._was_reset = np.zeros(n, bool)
         self.seed(seed)
 
@@ -97,20 +103,22 @@ class BatchedCube(SubEnvBatch):
         self.truncated[idx] = (self.step_count[idx] >= self.max_episode_steps) & ~self.success[idx]
         return {k: getattr(self, k).copy() for k in ("reward", "terminated", "truncated", "success")}
 
-    def observe_clouds(self, mask: np.ndarray | None = None, force: bool = False) -> np.ndarray:
-        """Render the stale clouds among the rows of ``mask`` (all if None; ``force``: every row of it, stale
-        or not); returns a copy of ``pointcloud`` (N, P, 3) (rows outside the mask may be stale)."""
-        rows = self._mask(mask, "observe_clouds")
+    def render_stale(self, mask: np.ndarray | None = None, force: bool = False) -> np.ndarray:
+        """Render the stale sensor rows among the rows of ``mask`` (all if None; ``force``: every row of it,
+        stale or not); returns a copy of the sensor array (``pointcloud`` or ``image``; rows outside the
+        mask may be stale)."""
+        rows = self._mask(mask, "render_stale")
         for k in np.flatnonzero(rows if force else rows & self._stale):
-            self.pointcloud[k] = self._envs[k].pointcloud()
+            self._sensed[k] = self._envs[k].sense()
             self._stale[k] = False
-        return self.pointcloud.copy()
+        return self._sensed.copy()
 
     def observe(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Copies of OBS (N, 19), GOAL (N, 3) and POINTCLOUD (N, P, 3) (the stale clouds of ``rows``, all
-        if None, rendered first; other rows' clouds may be stale)."""
-        cloud = self.observe_clouds(rows)
-        return {OBS: self.observation.copy(), GOAL: self.goal.copy(), POINTCLOUD: cloud}
+        """Copies of OBS (N, 19), GOAL (N, 3) and the sensor's output: POINTCLOUD (N, P, 3) float32 or IMAGE
+        (N, C, H, W, 3) uint8, per ``config.output`` (the stale rows of ``rows``, all if None, rendered
+        first; other rows' may be stale)."""
+        sensed = self.render_stale(rows)
+        return {OBS: self.observation.copy(), GOAL: self.goal.copy(), self.config.output: sensed}
 
     def close(self) -> None:
         """Free every sub-env's renderer and simulation."""

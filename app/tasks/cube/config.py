@@ -1,5 +1,6 @@
-"""The cube (point-cloud) task's settings: its constants, the sensor (cameras, cloud, crop), the scripted
-oracle's noise, the Success@K evaluation and the `tmrl fit` schema of point-cloud runs.
+"""The cube task's settings: its constants, the sensor (cameras and what they hand out: a depth point cloud
+or RGB frames), the scripted oracle's noise, the Success@K evaluation and the `tmrl fit` schema of
+point-cloud runs (the camera-frame runs' is in app/tasks/cube/visual_config.py).
 
 Light on purpose: loading a config imports neither MuJoCo nor the renderer (app/tasks/cube/env.py does).
 """
@@ -13,6 +14,7 @@ import numpy as np
 from app.schema import DemoConfig, FitConfig
 from app.tasks.cube.pointcloud import DOWNSAMPLERS
 from datamodules.pointcloud import PointCloudDataConfig
+from modules.nets.keys import IMAGE, POINTCLOUD
 
 ENV_ID = "cube-single-v0"
 PROPRIO_DIM = 19  # leading dims of OGBench's cube observation that are the robot's own (layout above)
@@ -23,18 +25,30 @@ CUBE_Z = 0.02  # a cube resting on the table (half its 4 cm edge)
 TABLE_LOW, TABLE_HIGH = (0.3, -0.3), (0.55, 0.3)
 VARIATIONS = ("train", "heldout")
 CUBE_ENVS = ("cube-single",)  # short names of the point-cloud cube tasks
+VISUAL_PREFIX = "visual-"
+VISUAL_CUBE_ENVS = tuple(VISUAL_PREFIX + env for env in CUBE_ENVS)  # the camera-frame tasks (OGBench's names)
+# What the cameras hand out per step, named by the batch key it is read under: a fused depth cloud (N, 3)
+# float32, or RGB frames (C, H, W, 3) uint8 drawn as OGBench's pixel tasks draw the scene.
+OUTPUTS = (POINTCLOUD, IMAGE)
 # What the depth cameras see of the robot -> the MuJoCo geom groups rendered (group 1: floor and cube,
 # 2: the robot's visual meshes, 185k triangles, which bound software rendering to ~45 renders/s;
 # 3: its collision primitives, ~2x faster, and the invisible walls, which the default crop box excludes).
 ROBOT_GEOMETRY: dict[str, tuple[int, ...]] = {"visual": (0, 1, 2), "collision": (0, 1, 3), "none": (0, 1)}
 
 
-def resolve_cube(name: str) -> tuple[str, str]:
-    """Map a cube task's short name ("cube-single") or OGBench id ("cube-single-v0") to (short, id)."""
-    for short in CUBE_ENVS:
+def env_output(env: str) -> str:
+    """What the demonstrations of cube env ``env`` (short name or id) record: frames for "visual-*", else
+    clouds."""
+    return IMAGE if env.startswith(VISUAL_PREFIX) else POINTCLOUD
+
+
+def resolve_cube(name: str, envs: tuple[str, ...] = CUBE_ENVS) -> tuple[str, str]:
+    """Map a cube task's short name ("cube-single") or OGBench id ("cube-single-v0") among ``envs`` to
+    (short, id)."""
+    for short in envs:
         if name in (short, f"{short}-v0"):
             return short, f"{short}-v0"
-    raise ValueError(f"unknown cube environment {name!r}; expected one of {sorted(CUBE_ENVS)}")
+    raise ValueError(f"unknown cube environment {name!r}; expected one of {sorted(envs)}")
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,8 @@ class FreeCamera:
 
 
 # Camera name -> None for a camera defined in OGBench's model (pose and fovy read from MuJoCo), or a free
-# camera. "left"/"right" are as seen in the "front" camera's image (world -y / +y), both 45 deg to the side.
+# camera. "front_pixels" is the camera of OGBench's visual-cube tasks. "left"/"right" are as seen in the
+# "front" camera's image (world -y / +y), both 45 deg to the side.
 CAMERAS: dict[str, FreeCamera | None] = {
     "front": None,
     "front_pixels": None,
@@ -59,11 +74,15 @@ CAMERAS: dict[str, FreeCamera | None] = {
 
 @dataclass
 class CubeConfig:
-    """The point-cloud cube task: cameras, rendering, cloud size, workspace crop and variation."""
+    """The cube task: cameras, what they hand out, rendering, cloud size, workspace crop and variation."""
 
     # keys of CAMERAS, fused into one cloud; each camera is one render (~45/s with the robot's meshes)
     cameras: list[str] = field(default_factory=lambda: ["left", "right"])
-    width: int = 96  # rendered depth image size, pixels (per camera; hardly changes the render time)
+    # "pointcloud": depth renders fused into one cloud; "image": one RGB frame per camera in OGBench's pixel
+    # colours (a purple gripper, the arm at 10% opacity: ~2x the render time of opaque meshes). Only the
+    # cloud uses num_points, crop_*, downsample, voxel_size and cloud_seed.
+    output: str = POINTCLOUD
+    width: int = 96  # rendered image size, pixels (per camera; hardly changes the render time)
     height: int = 96
     num_points: int = 512  # N: every cloud has exactly N points
     robot_geometry: str = "visual"  # "visual" | "collision" | "none": keys of ROBOT_GEOMETRY
@@ -92,6 +111,8 @@ class CubeConfig:
             raise ValueError(
                 f"cameras must be a non-empty list of {sorted(CAMERAS)}, got {list(self.cameras)}"
             )
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {list(OUTPUTS)}, got {self.output!r}")
         if min(self.width, self.height) < 8:
             raise ValueError(f"width and height must be >= 8 pixels, got {self.width}x{self.height}")
         if self.robot_geometry not in ROBOT_GEOMETRY:
@@ -119,6 +140,11 @@ class CubeConfig:
             raise ValueError(f"min_goal_distance must be in [0, 0.1] metres, got {self.min_goal_distance}")
         if self.max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {self.max_episode_steps}")
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int, int]:
+        """(C, H, W, 3): one step's RGB frames (``output`` "image")."""
+        return (len(self.cameras), self.height, self.width, 3)
 
     def _check_heldout(self) -> None:
         lo, hi = np.asarray(self.heldout_low), np.asarray(self.heldout_high)
@@ -195,6 +221,19 @@ class PointCloudDemoConfig(DemoConfig):
     episode_length: int = 200
     cube: CubeConfig = field(default_factory=CubeConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_output(self.env, self.cube)
+
+
+def check_output(env: str, cube: CubeConfig) -> None:
+    """Refuse sensor settings ``cube`` whose output is not what cube env ``env``'s demonstrations record."""
+    if cube.output != env_output(env):
+        raise ValueError(
+            f"demos.cube.output={cube.output!r}, but {env} demonstrations record {env_output(env)!r}; set "
+            f"demos.cube.output: {env_output(env)} (or demos.env to the task of the sensor you want)"
+        )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""OGBench cube-single observed as a robot sees it: fused depth-camera point clouds plus proprioception.
+"""OGBench cube-single observed as a robot sees it: proprioception plus a camera sensor, either fused
+depth-camera point clouds or RGB camera frames (``CubeConfig.output``).
 
 :class:`CubePointCloudEnv` wraps ``cube-single-v0`` in OGBench's ``data_collection`` mode (random arm,
 cube and target at every reset; the privileged target info the scripted oracle needs). Its observation is
@@ -8,6 +9,10 @@ cube and target at every reset; the privileged target info the scripted oracle n
                                   cos/sin effector yaw (2), gripper opening * 3 (1), gripper contact (1)),
      "pointcloud": (N, 3) float32 world frame, metres: depth rendered headless from ``config.cameras``,
                                   back-projected, cropped to the workspace box, downsampled to exactly N,
+     or "image": (C, H, W, 3) uint8  RGB frames of ``config.cameras`` (``output: image``), drawn as
+                                  OGBench's ``visual-cube-single-v0`` draws them (its ``front_pixels``
+                                  camera, purple gripper, arm at 10% opacity, target marker hidden), but
+                                  with shadows off and only when a frame is asked for,
      "goal": (3,) float32         target cube centre, world frame, metres}
 
 Success (the env's own ``info["success"]``) is ||cube centre - goal|| <= 0.04 m, so a hindsight goal is the
@@ -22,11 +27,14 @@ region (where the pre-trained policy should have SOME success to build on, METHO
 :func:`rollout_oracle` generates demonstrations as OGBench's "noisy" datasets are made: its Markov
 oracle, per-episode noise level xi ~ U(0, noise), Gaussian action noise of std (xi, xi, xi, 3 xi, 10 xi),
 a uniform random action with probability ``p_random_action``, and a new target whenever the oracle is done.
+Rendering draws no randomness, so the same generator gives the same episode whatever the sensor.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import gymnasium
@@ -54,14 +62,27 @@ from app.tasks.cube.pointcloud import (
     pose_from_pos_xmat,
 )
 from app.tasks.maze.env import seeded_global_numpy
+from modules.nets.keys import IMAGE, POINTCLOUD
+
+
+@functools.cache
+def pixel_materials() -> dict[str, tuple[float, ...]]:
+    """Material name -> RGBA of OGBench's pixel tasks (``ob_type='pixels'``: the gripper purple, the arm at
+    10% opacity), read from the MJCF model OGBench builds for them (~0.7 s, once per process). Only the
+    materials' colours differ from the state task's model: the same geometry, lights and cameras."""
+    from ogbench.manipspace.envs.cube_env import CubeEnv
+
+    arena = CubeEnv(env_type="single", ob_type="pixels").build_mjcf_model()
+    return {m.full_identifier: tuple(m.rgba) for m in arena.find_all("material") if m.rgba is not None}
 
 
 class CubePointCloudEnv:
-    """cube-single with point-cloud observations (module docstring); a gymnasium-like reset/step API.
+    """cube-single with camera observations (module docstring); a gymnasium-like reset/step API.
 
-    ``reset(seed)`` and ``step(action)`` return the observation dict; ``step(action, pointcloud=False)``
-    skips rendering (the dict then has no "pointcloud"), for the steps of a chunk whose observation no one
-    reads. ``info`` is OGBench's (privileged cube/target state included, for the oracle).
+    ``reset(seed)`` and ``step(action)`` return the observation dict with the sensor's output under
+    ``config.output`` ("pointcloud" or "image"); ``pointcloud=False`` skips rendering (the dict then has
+    neither), for the steps of a chunk whose observation no one reads. ``info`` is OGBench's (privileged
+    cube/target state included, for the oracle).
     """
 
     def __init__(self, config: CubeConfig | None = None) -> None:
@@ -72,7 +93,7 @@ class CubePointCloudEnv:
             ENV_ID,
             mode="data_collection",
             terminate_at_goal=False,
-            visualize_info=False,  # keeps the target marker invisible, so it never shows in the point cloud
+            visualize_info=False,  # the target marker stays invisible (as in OGBench's pixel tasks)
             width=cfg.width,  # the model's offscreen buffer must be at least the rendered size
             height=cfg.height,
             max_episode_steps=cfg.max_episode_steps,
@@ -90,7 +111,11 @@ class CubePointCloudEnv:
                 f"anything imports mujoco (it is {os.environ.get('MUJOCO_GL')!r})"
             ) from err
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False  # 5-30x faster software rendering
-        self.renderer.enable_depth_rendering()
+        if cfg.output == POINTCLOUD:
+            self.renderer.enable_depth_rendering()
+        else:  # the model is this env's own: recolouring it changes no other env
+            for name, rgba in pixel_materials().items():
+                model.mat_rgba[model.material(name).id] = rgba
         self._scene_option = mujoco.MjvOption()
         self._scene_option.geomgroup[:] = [int(g in ROBOT_GEOMETRY[cfg.robot_geometry]) for g in range(6)]
         self.max_depth = 0.999 * model.vis.map.zfar * model.stat.extent  # pixels at the far plane saw nothing
@@ -122,16 +147,24 @@ class CubePointCloudEnv:
             for cam, _, pose in self._views
         ]
 
-    def render_depths(self) -> list[np.ndarray]:
-        """Per-camera (H, W) float32 depth images in metres (distance along the viewing axis)."""
-        depths = []
+    def _renders(self) -> Iterator[np.ndarray]:
+        """One render of the current scene per camera, in ``config.cameras`` order (depth or RGB)."""
         for cam, _, _ in self._views:
             self.renderer.update_scene(self.sim._data, camera=cam, scene_option=self._scene_option)
-            depths.append(self.renderer.render())
-        return depths
+            yield self.renderer.render()
+
+    def render_depths(self) -> list[np.ndarray]:
+        """Per-camera (H, W) float32 depth images in metres (distance along the viewing axis)."""
+        return list(self._renders())
+
+    def frames(self) -> np.ndarray:
+        """(C, H, W, 3) uint8 RGB frames of the current scene (``output`` "image" only)."""
+        self._check_output(IMAGE, "frames")
+        return np.stack(list(self._renders()))
 
     def pointcloud(self) -> np.ndarray:
         """(N, 3) float32 world-frame cloud of the current scene (render, back-project, crop, downsample)."""
+        self._check_output(POINTCLOUD, "pointcloud")
         cfg = self.config
         return depths_to_pointcloud(
             self.render_depths(),
@@ -146,6 +179,23 @@ class CubePointCloudEnv:
             seed=cfg.cloud_seed,
         )
 
+    def _check_output(self, output: str, method: str) -> None:
+        if self.config.output != output:  # the renderer is set up for depth or for RGB, never both
+            raise RuntimeError(
+                f"CubePointCloudEnv.{method}() needs config.output={output!r}; it is {self.config.output!r}"
+            )
+
+    def sense(self) -> np.ndarray:
+        """The sensor's output of the current scene: ``pointcloud()`` or ``frames()`` (``config.output``)."""
+        return self.pointcloud() if self.config.output == POINTCLOUD else self.frames()
+
+    @property
+    def output_spec(self) -> tuple[tuple[int, ...], type]:
+        """(per-step shape, dtype) of ``sense()``: ((N, 3), float32) or ((C, H, W, 3), uint8)."""
+        if self.config.output == POINTCLOUD:
+            return (self.config.num_points, 3), np.float32
+        return self.config.frame_shape, np.uint8
+
     def cube_position(self) -> np.ndarray:
         """(3,) float64 cube centre, world metres (the achieved goal)."""
         return self.sim._data.joint("object_joint_0").qpos[:3].copy()
@@ -155,13 +205,14 @@ class CubePointCloudEnv:
         return self.sim._data.mocap_pos[self.sim._cube_target_mocap_ids[0]].copy()
 
     def observe(self, ob: np.ndarray, pointcloud: bool = True) -> dict[str, np.ndarray]:
-        """Observation dict (module docstring) from OGBench's (28,) state observation ``ob``."""
+        """Observation dict (module docstring) from OGBench's (28,) state observation ``ob``; the sensor's
+        output under ``config.output`` unless ``pointcloud`` is False (the name predates the frames)."""
         obs = {
             "state": np.asarray(ob[:PROPRIO_DIM], dtype=np.float32),
             "goal": self.goal().astype(np.float32),
         }
         if pointcloud:
-            obs["pointcloud"] = self.pointcloud()
+            obs[self.config.output] = self.sense()
         return obs
 
     def reset(self, seed: int | None = None, pointcloud: bool = True) -> tuple[dict[str, np.ndarray], dict]:
@@ -225,9 +276,10 @@ def rollout_oracle(
     oracle is done (placed the cube and moved away, or 200 steps). Reproducible from ``rng``.
 
     Returns per-step arrays, row t = the observation at which action t was taken (T = ``length``):
-        ``{"observation": (T, 19) float32 proprioceptive state, "pointcloud": (T, N, 3) float32 (unless
-        pointcloud=False), "action": (T, 5) float32 in [-1, 1], "expert_goal": (T, 3) float32 target the
-        oracle was heading for (marks the segments), "achieved_goal": (T, 3) float32 cube centre,
+        ``{"observation": (T, 19) float32 proprioceptive state, the sensor's output under
+        ``env.config.output`` unless pointcloud=False ("pointcloud": (T, N, 3) float32 or "image":
+        (T, C, H, W, 3) uint8), "action": (T, 5) float32 in [-1, 1], "expert_goal": (T, 3) float32 target
+        the oracle was heading for (marks the segments), "achieved_goal": (T, 3) float32 cube centre,
         "success": (T,) bool cube within 0.04 m of the target AFTER action t}``.
     """
     from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
@@ -235,10 +287,11 @@ def rollout_oracle(
     if length <= 0:
         raise ValueError(f"rollout_oracle: length must be > 0, got {length}")
     cfg = config or OracleConfig()
-    n = env.config.num_points
+    key = env.config.output
+    shape, dtype = env.output_spec
     out = {
         "observation": np.empty((length, PROPRIO_DIM), np.float32),
-        **({"pointcloud": np.empty((length, n, 3), np.float32)} if pointcloud else {}),
+        **({key: np.empty((length, *shape), dtype)} if pointcloud else {}),
         "action": np.empty((length, ACTION_DIM), np.float32),
         "expert_goal": np.empty((length, GOAL_DIM), np.float32),
         "achieved_goal": np.empty((length, GOAL_DIM), np.float32),
@@ -259,7 +312,7 @@ def rollout_oracle(
             out["observation"][t], out["action"][t], out["expert_goal"][t] = obs["state"], action, obs["goal"]
             out["achieved_goal"][t] = env.cube_position()
             if pointcloud:
-                out["pointcloud"][t] = obs["pointcloud"]
+                out[key][t] = obs[key]
             obs, _, _, _, info = env.step(action, pointcloud=pointcloud)
             out["success"][t] = bool(info["success"])
             if oracle.done:

@@ -1,4 +1,5 @@
-"""Zero-shot evaluation of a point-cloud policy on the cube task: Success@K per sigma (METHOD.md section 3).
+"""Zero-shot evaluation of a cube policy (point clouds, or camera frames on the visual cube): Success@K per
+sigma (METHOD.md section 3).
 
 For each variation ("train", "heldout"), S fixed, seeded initial states (arm, cube, target) are each rolled
 out K times with fresh z and eps_c; Success@K is the fraction of states solved by at least one of the
@@ -8,8 +9,8 @@ row s * K + k being state s's k-th rollout::
     rows       s0k0 s0k1 ... s0k(K-1) | s1k0 ... | ... | s(S-1)k(K-1)
     reset seed seed(0) ...  seed(0)   | seed(1)  | ... | seed(S-1)       (one scene per state)
 
-Each loop iteration renders the clouds of the live rows, samples one chunk per live row, and runs its
-first ``exec_horizon`` actions open loop (``app.tasks.rollout``); a row stops at success (terminated) or
+Each loop iteration renders the clouds (or frames) of the live rows, samples one chunk per live row, and runs
+its first ``exec_horizon`` actions open loop (``app.tasks.rollout``); a row stops at success (terminated) or
 at ``max_episode_steps`` (truncated). The envs of a variation are built once and reset with the same seeds
 for every sigma, so every sigma faces the same S scenes.
 """
@@ -27,6 +28,7 @@ from app.plots import pyplot
 from app.tasks.cube.backend import BatchedCube
 from app.tasks.cube.config import VARIATIONS, CubeConfig, CubeEvalConfig
 from app.tasks.rollout import policy_sampler, rollout
+from modules.nets.keys import POINTCLOUD
 from modules.nets.policy import CSPPolicy
 
 
@@ -41,13 +43,30 @@ def eval_cube_config(cube: CubeConfig, cfg: CubeEvalConfig, variation: str) -> C
     return dataclasses.replace(cube, variation=variation, max_episode_steps=cfg.max_episode_steps)
 
 
+def _sensor_mismatch(policy: CSPPolicy, cube: CubeConfig) -> str | None:
+    """What the cube's sensor ``cube`` needs of a policy, if ``policy`` does not read it; else None."""
+    pcfg = policy.cfg
+    if cube.output == POINTCLOUD:
+        if pcfg.context_mode != "pointcloud" or pcfg.num_points != cube.num_points:
+            return (
+                f"a point-cloud policy of {cube.num_points} points; got context_mode={pcfg.context_mode!r}, "
+                f"num_points={pcfg.num_points}"
+            )
+        return None
+    views, size = len(cube.cameras), [cube.height, cube.width]
+    enc = pcfg.image_encoder
+    if pcfg.context_mode != "image_embedding" or enc.views != views or list(enc.image_size) != size:
+        return (
+            f"an image policy of {views} view(s) of {size[0]}x{size[1]} pixels; got context_mode="
+            f"{pcfg.context_mode!r}, image_encoder views={enc.views}, image_size={list(enc.image_size)}"
+        )
+    return None
+
+
 def _check_policy(policy: CSPPolicy, cube: CubeConfig, cfg: CubeEvalConfig) -> None:
     """Refuse, before any env is built, a policy that cannot act on this cube task."""
-    if policy.cfg.context_mode != "pointcloud" or policy.cfg.num_points != cube.num_points:
-        raise ValueError(
-            f"the cube evaluation needs a point-cloud policy of {cube.num_points} points; got context_mode="
-            f"{policy.cfg.context_mode!r}, num_points={policy.cfg.num_points}"
-        )
+    if (needed := _sensor_mismatch(policy, cube)) is not None:
+        raise ValueError(f"the cube evaluation needs {needed}")
     dims, cube_dims = (policy.obs_dim, policy.action_dim), (BatchedCube.obs_dim, BatchedCube.action_dim)
     if dims != cube_dims:
         raise ValueError(f"policy (obs_dim, action_dim) = {dims}; the cube task has {cube_dims}")
@@ -135,8 +154,11 @@ def _plotted_ks(k_max: int) -> list[int]:
     return sorted(set(ks) | {k_max})
 
 
-def plot_success_at_k(results: dict[tuple[str, float], np.ndarray], path: str | Path) -> Path:
-    """One panel per variation: Success@K against sigma, one line per K (1, 2, 4, ..., K_max)."""
+def plot_success_at_k(
+    results: dict[tuple[str, float], np.ndarray], path: str | Path, env: str = "cube-single"
+) -> Path:
+    """One panel per variation: Success@K against sigma, one line per K (1, 2, 4, ..., K_max); ``env`` names
+    the task in the title."""
     plt = pyplot()
     variations = list(dict.fromkeys(v for v, _ in results))
     fig, axes = plt.subplots(1, len(variations), figsize=(4.2 * len(variations), 3.4), squeeze=False)
@@ -151,7 +173,7 @@ def plot_success_at_k(results: dict[tuple[str, float], np.ndarray], path: str | 
         ax.set_title(f"{variation} ({states} states)")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("fraction of states solved")
-    fig.suptitle("zero-shot on cube-single: Success@K")
+    fig.suptitle(f"zero-shot on {env}: Success@K")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -1,5 +1,9 @@
 """The cube task: OGBench cube-single seen through depth cameras as a point cloud, its noisy scripted oracle
-and its Success@K evaluation. MuJoCo is imported only by the methods that build environments."""
+and its Success@K evaluation. MuJoCo is imported only by the methods that build environments.
+
+The visual cube task (app/tasks/cube/visual.py) is this one with RGB frames in place of the cloud: other
+names, context mode, demonstration and fit schemas, and data module; the same scenes, oracle, backend and
+evaluation."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from app.tasks.base import Backend, Task, ZeroShot
 from app.tasks.cube.config import (
@@ -56,10 +60,11 @@ class CubeTask(Task):
     context_modes = ("pointcloud",)
     demo_length = 200
     offline_demos = False  # RLPD mixes the maze demonstrations' goal-relabelled chunks only
+    demo_schema: ClassVar[type[PointCloudDemoConfig]] = PointCloudDemoConfig  # its default sensor too
 
     def canonical(self, env: str) -> str | None:
         try:
-            return resolve_cube(env)[0]
+            return resolve_cube(env, self.env_names)[0]
         except ValueError:
             return None
 
@@ -120,11 +125,11 @@ class CubeTask(Task):
         self, env: str, episodes: int, length: int | None, seed: int, noise_std: float | None,
         options: Mapping[str, Any],
     ) -> PointCloudDemoConfig:  # fmt: skip
-        short, _ = resolve_cube(env)
-        cube = CubeConfig(**options)
+        short, _ = resolve_cube(env, self.env_names)
+        cube = dataclasses.replace(self.demo_schema().cube, **options)  # the CLI's flags on the default
         oracle = OracleConfig() if noise_std is None else OracleConfig(noise=noise_std)
         length = length or self.demo_length
-        return PointCloudDemoConfig(
+        return self.demo_schema(
             env=short, episodes=episodes, episode_length=length, seed=seed, cube=cube, oracle=oracle
         )
 
@@ -152,5 +157,5 @@ class CubeTask(Task):
 
         results = evaluate.evaluate_cube(policy, cfg.demos.cube, cfg.eval, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
-        plot = evaluate.plot_success_at_k(results, out / "zero_shot_success_at_k.png")
+        plot = evaluate.plot_success_at_k(results, out / "zero_shot_success_at_k.png", cfg.demos.env)
         return ZeroShot(evaluate.metrics(results), evaluate.summary(results), [plot])

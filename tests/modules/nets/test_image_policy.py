@@ -13,6 +13,7 @@ from torch import nn
 
 from modules.nets import CSPPolicy, PolicyConfig
 from modules.nets.image import (
+    DatasetNorm,
     ImageEncoder,
     ImageEncoderConfig,
     _group_count,
@@ -93,6 +94,38 @@ def assert_unit_scale_per_view(emb: torch.Tensor, d: int) -> None:
 
 # ---------------------------------------------------------------- the embedding's normalization
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_dataset_norm_gives_unit_scale_across_frames_at_any_scale(scale: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    # a large part shared by every frame (a static scene) and a small part that differs between frames
+    common = torch.randn(1, 40, generator=g) * 10.0
+    x = (common + 0.01 * torch.randn(64, 40, generator=g)) * scale
+    x[:, 0] = 5.0 * scale  # one feature constant over the data
+    norm = DatasetNorm(40)
+    y = norm(x)  # training: the batch's statistics
+    assert torch.isfinite(y).all() and y[:, 0].abs().max() < 1e-3  # a constant feature stays 0
+    assert y[:, 1:].mean(0).abs().max() < 1e-3 and (y[:, 1:].std(0, unbiased=False) - 1).abs().max() < 1e-3
+    # the first batch sets the running statistics; evaluation standardizes by them
+    torch.testing.assert_close(norm.running_mean, x.mean(0))
+    norm.eval()
+    torch.testing.assert_close(norm(x), y, atol=1e-4, rtol=0)
+    # a LayerNorm keeps the shared part: the frames' differences are a sliver of its unit scale
+    layer = normalize_embedding(x)
+    assert layer.std(0)[1:].mean() < 0.01 < y.std(0)[1:].mean()
+
+
+def test_the_ema_policy_follows_the_running_statistics() -> None:
+    from modules.csp import CSPModule, OptimConfig
+
+    module = CSPModule(make_policy(), OptimConfig())
+    module.policy.context.embedder(make_images())  # training mode: the running statistics move
+    module.on_train_batch_end()
+    assert not torch.equal(module.ema.context.embedder.embed_norm.running_mean, torch.zeros(V * D_RESNET))
+    torch.testing.assert_close(
+        module.ema.context.embedder.embed_norm.running_mean, module.policy.context.embedder.embed_norm.running_mean
+    )
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
 def test_normalize_embedding_gives_unit_scale_at_any_feature_scale(scale: float) -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(5, V, D_RESNET, generator=g) + 3.0) * scale  # off-centre, of any magnitude
@@ -106,7 +139,7 @@ def test_normalize_embedding_gives_unit_scale_at_any_feature_scale(scale: float)
 
 def test_image_encoder_embeds_each_view_at_unit_scale() -> None:
     torch.manual_seed(0)
-    enc = ImageEncoder(encoder_config())
+    enc = ImageEncoder(encoder_config(embed_norm="layer"))
     assert (enc.embed_dim, enc.out_dim) == (D_RESNET, V * D_RESNET)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in enc.modules())  # norm="group" by default
     images = make_images()
