@@ -77,9 +77,9 @@ class CSPModule(L.LightningModule):
         ema_params = list(self.ema.parameters())
         params = [p.detach() for p in self.policy.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - self.optim.ema_decay)
-        # buffers are not averaged but copied: running statistics (an image embedding's) follow training
-        for ema_buffer, buffer in zip(self.ema.buffers(), self.policy.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+        # running statistics (an image embedding's) must be those of the EMA's OWN features: its weights
+        # lag the trained ones, so it tracks them on the batch itself (a forward of its encoder, no grad)
+        self.ema.track_statistics(args[1])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

@@ -24,6 +24,7 @@ from modules.nets.normalizer import _MIN_SCALE, _as_stat
 
 NORMS = ("batch", "group")
 EMBED_NORMS = ("dataset", "layer")
+POOLS = ("avg", "flatten")
 _WHERE = "policy.image_encoder"  # the config key every error message names
 _SOURCE_PREFIXES = ("hf-hub:", "local-dir:")  # timm names that point at a source, not the registry
 
@@ -44,6 +45,10 @@ class ImageEncoderConfig:
             statistics fixed) even when the policy trains.
         image_size: [H, W], the size every frame must have.
         views: V, frames per sample (cameras x stacked frames).
+        pool: "avg": timm's own pooling of the last feature map (a global average for CNNs): D =
+            num_features; "flatten": the last feature map flattened (D = C x h x w, e.g. 368 x 2 x 2 for
+            regnetx_002 at 64 pixels), which keeps WHERE a feature fired: what a small object's position
+            (a goal marker) is.
         embed_norm: how the embedding is brought to a fixed scale before CSP noises it. "dataset": each
             feature standardized by statistics over the data (batch statistics in training, their running
             averages, carried in the checkpoint, at evaluation): unit variance ACROSS frames, as the
@@ -59,6 +64,7 @@ class ImageEncoderConfig:
     frozen: bool = False
     image_size: list[int] = field(default_factory=lambda: [64, 64])
     views: int = 1
+    pool: str = "avg"
     embed_norm: str = "dataset"
 
     def __post_init__(self) -> None:
@@ -90,6 +96,8 @@ class ImageEncoderConfig:
         ):
             raise ValueError(f"{_WHERE}.image_size={size!r}; expected [H, W], two integers >= 8")
         self.image_size = list(size)
+        if self.pool not in POOLS:
+            raise ValueError(f"{_WHERE}.pool={self.pool!r}; expected one of {list(POOLS)}")
         if self.embed_norm not in EMBED_NORMS:
             raise ValueError(f"{_WHERE}.embed_norm={self.embed_norm!r}; expected one of {list(EMBED_NORMS)}")
         if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 1:
@@ -211,7 +219,8 @@ def build_backbone(cfg: ImageEncoderConfig, load_weights: bool = True) -> nn.Mod
     _check_name(cfg.name)
     pretrained = cfg.pretrained and load_weights
     try:
-        model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=0)
+        pool = {"global_pool": ""} if cfg.pool == "flatten" else {}  # "": the unpooled feature map
+        model = timm.create_model(cfg.name, pretrained=pretrained, num_classes=0, **pool)
     except (OSError, RuntimeError) as err:  # offline without a cached copy: an OSError from the hub
         if not pretrained:
             raise
@@ -224,7 +233,7 @@ def build_backbone(cfg: ImageEncoderConfig, load_weights: bool = True) -> nn.Mod
         load_weights_into(model, read_weights(cfg.weights), cfg.weights)
     if cfg.norm == "group":  # after loading: the file holds BatchNorm entries
         batch_to_group_norm(model)
-    return model
+    return nn.Sequential(model, nn.Flatten(1)) if cfg.pool == "flatten" else model
 
 
 # ---------------------------------------------------------------------------- encoder

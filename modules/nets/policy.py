@@ -261,6 +261,12 @@ class CSPPolicy(nn.Module):
         return self.net(x, tau, self.net.prepare(sigma, features))
 
     # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def track_statistics(self, batch: Mapping[str, Tensor]) -> None:
+        """Update the running statistics of the context (an image embedding's; a no-op for the others) on
+        a raw training batch, as a training forward would, without gradients (the EMA copy's, per step)."""
+        self.context.track_statistics(batch, self._dtype())
+
     def loss(
         self,
         batch: Mapping[str, Tensor],

@@ -123,6 +123,9 @@ class ContextMode(nn.Module, ABC):
         Reads ``input_keys``; raises ValueError naming a missing or misshapen key.
         """
 
+    def track_statistics(self, batch: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        """Update running statistics from a raw batch (modes with data-tracked normalization); none here."""
+
     def encode(self, clean: Tensor | None, noised: Tensor) -> Tensor:
         """Condition features (B, F): clean_encoder(clean) ++ noised_encoder(noised), ``split``'s layout."""
         features = self.noised_encoder(noised)

@@ -20,7 +20,7 @@ class ImageEmbeddingContext(ContextMode):
     """context_mode "image_embedding": the embedding of batch[IMAGE] (B, V, H, W, 3) is the noised part.
 
     ``embedder`` (an ``ImageEncoder`` of ``cfg.image_encoder``) encodes each of the V views by a timm
-    backbone into D features and normalizes them (LayerNorm without affine parameters); that embedding
+    backbone into D features and normalizes them (``cfg.image_encoder.embed_norm``); that embedding
     (B, V * D) is noised, eps_c (B, V * D) with view v's noise at [v * D, (v + 1) * D), and encoded by
     ``ENCODERS[cfg.encoder]``. clean part: obs_n ++ goal_n (B, d_o + d_g) (the proprioception and the
     goal, if any) through another encoder of that kind. Agent features: the noised-part encoder of the
@@ -53,6 +53,18 @@ class ImageEmbeddingContext(ContextMode):
         """The low-dim statistics and image_mean / image_std."""
         super().set_stats(stats)
         self.embedder.set_stats(stats["image_mean"], stats["image_std"])
+
+    def track_statistics(self, batch: Mapping[str, Tensor], dtype: torch.dtype) -> None:
+        """Run the embedder in training mode on batch[IMAGE] (no gradients): its data statistics (and a
+        BatchNorm backbone's) move as in a training step; the modes of every module are restored."""
+        if IMAGE not in batch:
+            raise ValueError(f"batch has no key {IMAGE!r}; got keys {sorted(batch)}")
+        was_training = self.embedder.training
+        self.embedder.train()
+        try:
+            self.embedder(self.embedder.check(batch[IMAGE]))
+        finally:
+            self.embedder.train(was_training)
 
     def split(self, batch: Mapping[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(obs_n ++ goal_n (B, d_o + d_g), normalized embedding (B, V * D))."""

@@ -93,6 +93,15 @@ def assert_unit_scale_per_view(emb: torch.Tensor, d: int) -> None:
 
 
 # ---------------------------------------------------------------- the embedding's normalization
+def test_flatten_pool_keeps_the_feature_map() -> None:
+    avg = ImageEncoder(encoder_config(pool="avg", image_size=[64, 64]))
+    flat = ImageEncoder(encoder_config(pool="flatten", image_size=[64, 64]))
+    assert flat.embed_dim == 4 * avg.embed_dim  # C x 2 x 2: the last map of a 32x-downsampling net
+    assert flat(make_images(h=64, w=64)).shape == (B, V * flat.embed_dim)
+    with pytest.raises(ValueError, match="pool='max'"):
+        encoder_config(pool="max")
+
+
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
 def test_dataset_norm_gives_unit_scale_across_frames_at_any_scale(scale: float) -> None:
     g = torch.Generator().manual_seed(0)
@@ -117,12 +126,23 @@ def test_the_ema_policy_follows_the_running_statistics() -> None:
     from modules.csp import CSPModule, OptimConfig
 
     module = CSPModule(make_policy(), OptimConfig())
-    module.policy.context.embedder(make_images())  # training mode: the running statistics move
-    module.on_train_batch_end()
-    assert not torch.equal(module.ema.context.embedder.embed_norm.running_mean, torch.zeros(V * D_RESNET))
-    torch.testing.assert_close(
-        module.ema.context.embedder.embed_norm.running_mean, module.policy.context.embedder.embed_norm.running_mean
-    )
+    batch = make_batch()
+    with torch.no_grad():  # the EMA's weights lag the trained ones: make them differ
+        for p in module.policy.context.embedder.parameters():
+            p.add_(0.1)
+    module.policy.context.embedder(batch[IMAGE])  # a training forward moves the trained policy's statistics
+    module.ema.eval()
+    module.on_train_batch_end(None, batch, 0)
+    ema_norm = module.ema.context.embedder.embed_norm
+    assert not module.ema.context.embedder.training  # the modes are restored
+    # the EMA's statistics are those of its OWN features on the batch, not a copy of the trained policy's
+    with torch.no_grad():
+        feats = module.ema.context.embedder.backbone(
+            ((batch[IMAGE].float() / 255 - module.ema.context.embedder.image_mean)
+             / module.ema.context.embedder.image_std).flatten(0, 1).permute(0, 3, 1, 2).contiguous()
+        ).reshape(B, -1)  # fmt: skip
+    torch.testing.assert_close(ema_norm.running_mean, feats.mean(0))
+    assert not torch.allclose(ema_norm.running_mean, module.policy.context.embedder.embed_norm.running_mean)
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
