@@ -41,7 +41,7 @@ class MazeCameraConfig:
     cameras: list[str] = field(default_factory=lambda: ["top"])
     width: int = 64
     height: int = 64
-    marker_radius: float = 1.5
+    marker_radius: float = 3.0
     follow_cells: float = 3.0
 
     def __post_init__(self) -> None:
