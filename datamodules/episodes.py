@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping
@@ -388,3 +389,35 @@ class EpisodeStore:
             f"EpisodeStore({str(self.path)!r}, episodes={self.num_episodes}, steps={self.num_steps}, "
             f"keys={self.keys})"
         )
+
+
+class StoreRows:
+    """One array of an episode store, read by rows: held in memory, or opened lazily by EACH process (a
+    forked DataLoader worker opens its own zarr handle; pickling drops the handle, so a spawned worker
+    reopens the store). What the point-cloud and image datasets read their large per-step arrays through.
+    """
+
+    def __init__(self, path: str, key: str, memory: np.ndarray | None = None) -> None:
+        self.path, self.key = path, key
+        self._memory = memory
+        self._lazy: zarr.Array | None = None
+        self._pid = -1
+
+    @property
+    def array(self) -> zarr.Array | np.ndarray:
+        """The in-memory array, or the zarr array opened by THIS process."""
+        if self._memory is not None:
+            return self._memory
+        if self._lazy is None or self._pid != os.getpid():
+            self._lazy, self._pid = EpisodeStore.open(self.path).array(self.key), os.getpid()
+        return self._lazy
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows ``rows`` (sorted, unique store rows) in ONE read."""
+        array = self.array
+        return np.asarray(array[rows] if isinstance(array, np.ndarray) else array.oindex[rows])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_lazy"], state["_pid"] = None, -1
+        return state

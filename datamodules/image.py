@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +31,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from datamodules.episodes import EpisodeStore
+from datamodules.episodes import EpisodeStore, StoreRows
 from datamodules.pointcloud import DatasetMismatchError, episode_rows, sample_goal_index
 from datamodules.state import SEGMENT_KEY, StateDataConfig, WindowDataModule, split_windows
 from modules.nets.keys import ACTION, GOAL, IMAGE, OBS
@@ -205,9 +204,7 @@ class ImageWindowDataset(Dataset):
         self.goal_args = (goal_sampling, goal_geometric_p, goal_end_p)
         self.augment = augment
         self.history = self._history_rows(windows[:, 0], episode_ends, frame_stack)  # (W, k)
-        self._memory = frames
-        self._lazy: zarr.Array | None = None
-        self._pid = -1
+        self.source = StoreRows(path, IMAGE, frames)
 
     @staticmethod
     def _history_rows(starts: np.ndarray, episode_ends: np.ndarray, k: int) -> np.ndarray:
@@ -220,24 +217,14 @@ class ImageWindowDataset(Dataset):
     @property
     def frames(self) -> zarr.Array | np.ndarray:
         """(S, C, H, W, 3) frames: the in-memory array, or the zarr array opened by THIS process."""
-        if self._memory is not None:
-            return self._memory
-        if self._lazy is None or self._pid != os.getpid():  # a forked worker opens its own handle
-            self._lazy, self._pid = EpisodeStore.open(self.path).array(IMAGE), os.getpid()
-        return self._lazy
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_lazy"], state["_pid"] = None, -1  # a spawned worker reopens the store
-        return state
+        return self.source.array
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def _read_frames(self, rows: np.ndarray) -> np.ndarray:
         """(R, C, H, W, 3) uint8 frames at the sorted, unique store rows ``rows``, in one read."""
-        frames = self.frames
-        return np.asarray(frames[rows] if isinstance(frames, np.ndarray) else frames.oindex[rows])
+        return self.source.read(rows)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """The items of a whole batch, with ONE read of the frames they need (the DataLoader calls this)."""

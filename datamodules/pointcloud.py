@@ -19,7 +19,6 @@ world frame, so the rotation is a small perturbation (robustness to camera pose 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from datamodules.episodes import EpisodeStore
+from datamodules.episodes import EpisodeStore, StoreRows
 from datamodules.state import SEGMENT_KEY, StateDataConfig, WindowDataModule, split_windows
 from modules.nets.keys import ACTION, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
@@ -161,32 +160,19 @@ class PointCloudWindowDataset(Dataset):
         self.chunk_len = chunk_len
         self.goal_args = (goal_sampling, goal_geometric_p, goal_end_p)
         self.augment = augment
-        self._memory = clouds
-        self._lazy: zarr.Array | None = None
-        self._pid = -1
+        self.source = StoreRows(path, POINTCLOUD, clouds)
 
     @property
     def clouds(self) -> zarr.Array | np.ndarray:
         """(S, N, 3) clouds: the in-memory array, or the zarr array opened by THIS process."""
-        if self._memory is not None:
-            return self._memory
-        if self._lazy is None or self._pid != os.getpid():  # a forked worker opens its own handle
-            self._lazy, self._pid = EpisodeStore.open(self.path).array(POINTCLOUD), os.getpid()
-        return self._lazy
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_lazy"], state["_pid"] = None, -1  # a spawned worker reopens the store
-        return state
+        return self.source.array
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def _read_clouds(self, rows: np.ndarray) -> np.ndarray:
         """(R, N, 3) float32 clouds at the sorted, unique store rows ``rows``, in one read."""
-        clouds = self.clouds
-        block = clouds[rows] if isinstance(clouds, np.ndarray) else clouds.oindex[rows]
-        return np.asarray(block, dtype=np.float32)
+        return self.source.read(rows).astype(np.float32, copy=False)
 
     def _item(self, start: int, end: int, cloud: np.ndarray) -> dict[str, torch.Tensor]:
         g = sample_goal_index(start, end, *self.goal_args)

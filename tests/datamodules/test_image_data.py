@@ -220,11 +220,11 @@ def test_a_batch_reads_its_frames_in_one_read_of_unique_sorted_rows(img_store):
             return self.array.oindex[rows]
 
     ds = make_dm(img_store, frame_stack=3, val_fraction=0.0).train_set
-    ds._lazy, ds._pid = Recording(img_store.array(IMAGE)), os.getpid()
+    ds.source._lazy, ds.source._pid = Recording(img_store.array(IMAGE)), os.getpid()
     indices = [9, 0, 9, 30, 1]
     ds.__getitems__(indices)
-    assert len(ds._lazy.reads) == 1
-    assert ds._lazy.reads[0] == sorted(set(ds.history[indices].ravel().tolist()))
+    assert len(ds.source._lazy.reads) == 1
+    assert ds.source._lazy.reads[0] == sorted(set(ds.history[indices].ravel().tolist()))
 
 
 def test_loader_with_two_workers_yields_batches_of_the_right_shapes_and_the_dataset_pickles(img_store):
@@ -242,7 +242,7 @@ def test_loader_with_two_workers_yields_batches_of_the_right_shapes_and_the_data
     val = dm.val_set
     before = val[0]  # opens this process's handle, which must not travel
     copy = pickle.loads(pickle.dumps(val))
-    assert copy._lazy is None
+    assert copy.source._lazy is None
     assert torch.equal(copy[0][IMAGE], before[IMAGE]) and torch.equal(copy[0][OBS], before[OBS])
 
 
