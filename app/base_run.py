@@ -28,6 +28,20 @@ def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
     task.task.check_policy(policy, task.env, f"the policy of run {run_id!r}")
 
 
+def check_views(policy: CSPPolicy, sensor: dict[str, Any], run_id: str) -> None:
+    """Refuse an image policy that reads more views than its sensor renders: one pre-trained with
+    ``data.frame_stack`` > 1 (fine-tuning renders one frame per camera per chunk and stacks none)."""
+    if policy.cfg.context_mode != "image_embedding" or "cameras" not in sensor:
+        return
+    views, cameras = policy.cfg.image_encoder.views, len(sensor["cameras"])
+    if views != cameras:
+        raise ValueError(
+            f"the policy of run {run_id!r} reads {views} views per observation but its sensor renders "
+            f"{cameras} camera(s) {list(sensor['cameras'])}; a policy pre-trained on stacked frames "
+            "(data.frame_stack > 1) cannot be fine-tuned: fine-tuning renders one frame per camera per chunk"
+        )
+
+
 @dataclass
 class BaseRun:
     """What fine-tuning takes from the pre-training run."""
@@ -46,6 +60,7 @@ def load_base_policy(cfg: FinetuneConfig, from_run: str, tmp: str) -> BaseRun:
     check_compatible(policy, cfg.task, from_run)
     data = yaml.safe_load(files["config"].read_text()) or {}
     sensor = dict(policy.sensor) or cfg.task.task.legacy_sensor(data, policy, f"run {from_run!r}")
+    check_views(policy, sensor, from_run)
     return BaseRun(policy, (data.get("data") or {}).get("path"), sensor)
 
 

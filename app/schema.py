@@ -10,6 +10,7 @@ YAML files under configs/ and command-line ``key=value`` overrides are merged on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.tasks.maze.config import DemoConfig, EvalConfig
 from app.tracking import TrackingConfig
@@ -63,3 +64,29 @@ class FitConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def check_frames(camera: str, size: list[int], cameras: int, data: Any, encoder: Any, evaluate: bool) -> None:
+    """Refuse a camera, a frame store and an image encoder that disagree on the frame size or the number of
+    views, for the image tasks' fit schemas. ``camera`` names the camera section (``size`` [H, W] and
+    ``cameras`` views are its values); ``data`` is the ImageDataConfig, ``encoder`` ``policy.image_encoder``.
+    Frame stacking is the DataModule's alone (the evaluator and fine-tuning render one frame per camera per
+    chunk), so ``data.frame_stack`` > 1 is refused while ``evaluate`` (``eval.enabled``) is on."""
+    sizes = {f"{camera} [height, width]": size, "data.image_size": list(data.image_size)}
+    sizes["policy.image_encoder.image_size"] = list(encoder.image_size)
+    if any(value != size for value in sizes.values()):
+        raise ValueError(
+            f"the frame size must agree: {sizes}; set data.image_size: [${{{camera}.height}}, "
+            f"${{{camera}.width}}] and policy.image_encoder.image_size: ${{data.image_size}}"
+        )
+    views = {f"len({camera}.cameras) x data.frame_stack": cameras * data.frame_stack}
+    views |= {"data.cameras x data.frame_stack": data.cameras * data.frame_stack}
+    views["policy.image_encoder.views"] = encoder.views
+    if len(set(views.values())) != 1:
+        raise ValueError(f"the number of views must agree: {views}")
+    if evaluate and data.frame_stack > 1:
+        raise ValueError(
+            f"data.frame_stack={data.frame_stack} with eval.enabled: the zero-shot evaluation and "
+            "fine-tuning render one frame per camera per chunk and stack none; set data.frame_stack=1, or "
+            "eval.enabled=false to pre-train a frame-stacked policy (it cannot be fine-tuned)"
+        )

@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from app.base_run import check_views
 from app.cli import main
 from app.envs.torchrl_envs import make_chunk_env
 from app.tasks.maze.visual_config import VisualMazeFitConfig
@@ -40,6 +41,9 @@ def test_the_image_schema_is_chosen_and_sizes_must_agree(capsys):
     assert "the frame size must agree" in capsys.readouterr().err
     assert main(["fit", "--config", TINY, "policy.image_encoder.views=2"]) == 2
     assert "the number of views must agree" in capsys.readouterr().err
+    stacked = ["data.frame_stack=2", "policy.image_encoder.views=2"]
+    assert main(["fit", "--config", TINY, *stacked]) == 2  # evaluation renders one frame per camera
+    assert "data.frame_stack=2 with eval.enabled" in capsys.readouterr().err
 
 
 def test_image_fit_runs_end_to_end(fitted):
@@ -94,6 +98,14 @@ def test_finetune_from_an_image_run(fitted, tmp_path, capsys, monkeypatch):
     assert (
         run.data.params["task.env"] == "visual-pointmaze-medium" and "eval/success_rate" in run.data.metrics
     )
+
+
+def test_finetuning_refuses_a_policy_of_stacked_frames(fitted):
+    tmp, _, run_id, _ = fitted
+    policy = CSPPolicy.load(tmp / "runs" / run_id / "policy.pt")
+    check_views(policy, policy.sensor, run_id)  # its own sensor: one camera, one view
+    with pytest.raises(ValueError, match=r"reads 1 views .* renders 2 camera\(s\) \['top', 'follow'\]"):
+        check_views(policy, {**policy.sensor, "cameras": ["top", "follow"]}, run_id)
 
 
 def test_the_chunk_env_hands_the_agent_features_never_frames(fitted):

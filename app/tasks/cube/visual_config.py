@@ -5,9 +5,8 @@ nor timm."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from app.schema import FitConfig
+from app.schema import FitConfig, check_frames
 from app.tasks.cube.config import CubeConfig, CubeEvalConfig, PointCloudDemoConfig
 from datamodules.image import ImageDataConfig
 from modules.nets.keys import IMAGE
@@ -27,24 +26,6 @@ class VisualCubeDemoConfig(PointCloudDemoConfig):
     cube: CubeConfig = field(default_factory=pixel_camera)
 
 
-def check_frames(camera: str, size: list[int], cameras: int, data: ImageDataConfig, encoder: Any) -> None:
-    """Refuse a camera, a frame store and an image encoder that disagree on the frame size or the number of
-    views. ``camera`` names the camera section (``size`` [H, W] and ``cameras`` views are its values);
-    ``encoder`` is ``policy.image_encoder``."""
-    sizes = {f"{camera} [height, width]": size, "data.image_size": list(data.image_size)}
-    sizes["policy.image_encoder.image_size"] = list(encoder.image_size)
-    if any(value != size for value in sizes.values()):
-        raise ValueError(
-            f"the frame size must agree: {sizes}; set data.image_size: [${{{camera}.height}}, "
-            f"${{{camera}.width}}] and policy.image_encoder.image_size: ${{data.image_size}}"
-        )
-    views = {f"len({camera}.cameras) x data.frame_stack": cameras * data.frame_stack}
-    views |= {"data.cameras x data.frame_stack": data.cameras * data.frame_stack}
-    views["policy.image_encoder.views"] = encoder.views
-    if len(set(views.values())) != 1:
-        raise ValueError(f"the number of views must agree: {views}")
-
-
 @dataclass
 class VisualCubeFitConfig(FitConfig):
     """`tmrl fit` with ``policy.context_mode: image_embedding`` on the visual cube: the arm's proprioception
@@ -58,7 +39,8 @@ class VisualCubeFitConfig(FitConfig):
     def __post_init__(self) -> None:
         cube = self.demos.cube
         size = [cube.height, cube.width]
-        check_frames("demos.cube", size, len(cube.cameras), self.data, self.policy.image_encoder)
+        encoder = self.policy.image_encoder
+        check_frames("demos.cube", size, len(cube.cameras), self.data, encoder, self.eval.enabled)
         if self.eval.enabled and self.eval.exec_horizon > self.policy.chunk_len:  # refused before training
             raise ValueError(
                 f"eval.exec_horizon={self.eval.exec_horizon} exceeds policy.chunk_len={self.policy.chunk_len}"
