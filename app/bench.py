@@ -79,7 +79,7 @@ def bare_loop(module: CSPModule, batches: list[dict[str, torch.Tensor]], grad_cl
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(module.policy.parameters(), grad_clip)
         opt.step()
-        module.on_train_batch_end(None, batch, i)
+        module.update_ema(batch)
     elapsed = time.perf_counter() - start
     return (len(batches) - WARMUP) * len(batches[0][ACTION]) / elapsed
 

@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tmrl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tmrl {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

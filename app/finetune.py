@@ -39,6 +39,7 @@ from app.finetune_eval import (
     plot_sigma_over_finetuning,
     plot_sigma_traces,
 )
+from app.finetune_state import LoopState, read_agent, restore, resume_seed, save_checkpoint
 from app.offline_data import read_demo_arrays
 from datamodules.episodes import EpisodeStore
 from modules.nets.keys import ACTION, DONE, ENV_STEPS, NEXT, SUCCESS
@@ -89,21 +90,6 @@ def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> Repla
     return ReplayBuffer(storage=storage, batch_size=batch_size)
 
 
-def save_agent(path: Path, loss: TMRLLoss, optimizers: dict, counters: dict[str, int]) -> Path:
-    """Everything needed to continue: actor, critics, targets and temperatures (the loss module's state),
-    the optimizers, and the step counters."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "loss": loss.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "counters": dict(counters),
-        },
-        path,
-    )
-    return path
-
-
 def _worker_env(index: int, seed: int, **kw) -> ChunkEnv:
     """The env of collector worker ``index``, on its own seed stream."""
     return make_chunk_env(seed=seed + 1000 * (index + 1), **kw)
@@ -136,16 +122,18 @@ def build_pipeline(
     demos: EpisodeStore | None = None,
     warmup: bool = True,
     sensor: Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> Pipeline:
     """make_env -> make_agent -> make_collector -> make_buffer, each from its own sub-config; with
     ``demos``, their chunks (same H_exec, reward and discount semantics as online data) for mixing;
-    ``sensor``: the base policy's sensor settings (cameras, cloud), for tasks with a sensor."""
-    c = cfg.chunk
+    ``sensor``: the base policy's sensor settings (cameras, cloud), for tasks with a sensor; ``seed``: the
+    training envs' seed (default ``cfg.seed``; a resumed run's is ``resume_seed``)."""
+    c, seed = cfg.chunk, cfg.seed if seed is None else seed
     env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon, sensor=sensor)
     env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
     env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps, z_bound=c.z_bound, eps_map=c.eps_map)
-    env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
-    worker_env = functools.partial(_worker_env, num_envs=cfg.collect.num_envs, seed=cfg.seed, **env_kw)
+    env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=seed, **env_kw)
+    worker_env = functools.partial(_worker_env, num_envs=cfg.collect.num_envs, seed=seed, **env_kw)
     eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
     base_env = None
     if base is not None and cfg.eval.every_env_steps > 0:
@@ -184,19 +172,21 @@ class RunHooks:
     """Where the loop's outputs go: MLflow for `tmrl finetune`, nowhere for the benchmark."""
 
     log: Callable[[dict[str, float], int], None] = lambda metrics, step: None
-    checkpoint: Callable[[str, dict[str, int]], None] = lambda name, counters: None
+    checkpoint: Callable[[str, LoopState], None] = lambda name, state: None
     plot: Callable[[str, Callable[[Path], Path]], None] = lambda name, draw: None
 
 
-def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str, int] | None = None) -> dict:
+def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, state: LoopState | None = None) -> dict:
     """collect -> extend -> update -> sync weights -> log -> evaluate -> checkpoint, until cfg.env_steps
-    real environment steps; ``start`` holds the counters of a resumed run."""
+    real environment steps; ``state`` (a resumed run's, else a fresh one) is updated in place, so that
+    it is what an interrupted run must save. Returns the counters."""
     max_chunks = math.ceil(cfg.task.max_episode_steps / cfg.chunk.exec_horizon) + 1
-    counters = {"env_steps": 0, "chunks": 0, "updates": 0, "successes": 0} | dict(start or {})
+    state = LoopState() if state is None else state
+    counters = state.counters
     done = counters["env_steps"]
     every_eval, every_ckpt = max(cfg.eval.every_env_steps, 1), cfg.checkpoint_every_env_steps
     next_eval = (done // every_eval + 1) * every_eval
-    next_ckpt, owed, shown = (done // every_ckpt + 1) * every_ckpt, 0.0, {}
+    next_ckpt, shown, out = (done // every_ckpt + 1) * every_ckpt, {}, {}
     evaluate_agent = functools.partial(
         evaluate, p.eval_env, p.policy, max_chunks, cfg.eval.seed, deterministic=cfg.eval.deterministic
     )
@@ -207,7 +197,6 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
             first["eval/base_success_rate"] = evaluate(p.base_env, dummy_action, max_chunks, cfg.eval.seed)
         hooks.log(first, 0)
         shown = {k.split("/")[-1]: f"{v:.2f}" for k, v in first.items()}
-    sigma_history: list[tuple[int, list[float]]] = []
     bar = tqdm(total=cfg.env_steps, initial=done, unit="step", desc=f"finetune {cfg.method}",
                disable=not cfg.progress_bar)  # fmt: skip
     for batch in p.collector:
@@ -218,21 +207,20 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         counters["chunks"] += flat.numel()
         metrics = batch_stats(flat, p.env.decoder)
         if "train/sigma_p50" in metrics:  # a learned sigma
-            sigma_history.append(
+            state.sigma_history.append(
                 (counters["env_steps"], [metrics[f"train/sigma_p{round(100 * q)}"] for q in SIGMA_QUANTILES])
             )
         # exploration at a glance: how many training episodes have reached the goal so far
         counters["successes"] += int((flat[NEXT, DONE] & flat[NEXT, SUCCESS]).sum())
         metrics["train/successes"] = float(counters["successes"])
         if len(p.buffer) >= max(cfg.collect.warmup_chunks, cfg.agent.batch_size):
-            owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
-            while owed >= 1:
+            state.owed += cfg.agent.utd_ratio * flat.numel()  # fractional UTD ratios accumulate
+            while state.owed >= 1:
                 batch = p.sample(cfg.agent.batch_size, cfg.offline.fraction)
                 out = update(p.loss, p.optimizers, batch)  # includes the Polyak target step
                 counters["updates"] += 1
-                owed -= 1
-            if counters["updates"]:
-                metrics.update({f"train/{k}": float(v) for k, v in out.items()})
+                state.owed -= 1
+            metrics.update({f"train/{k}": float(v) for k, v in out.items()})  # the batch's last update
             p.collector.update_policy_weights_()
         last = counters["env_steps"] >= cfg.env_steps  # the final evaluation below covers this step
         if cfg.eval.every_env_steps > 0 and counters["env_steps"] >= next_eval and not last:
@@ -243,7 +231,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         bar.update(steps)
         bar.set_postfix(shown)
         if counters["env_steps"] >= next_ckpt:
-            hooks.checkpoint("agent_last.pt", counters)
+            hooks.checkpoint("agent_last.pt", state)
             next_ckpt += cfg.checkpoint_every_env_steps
         if last:
             break
@@ -255,12 +243,12 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, start: dict[str,
         if "sigma" in p.env.decoder.sizes:
             hooks.plot("sigma_trace.png", lambda path: plot_sigma_traces(traces, cfg.method, path))
         print(f"[tmrl] {cfg.method}: {counters['env_steps']} env steps, final eval success {final:.0%}")
-    if len(sigma_history) > 1:
+    if len(state.sigma_history) > 1:
         hooks.plot(
             "sigma_over_finetuning.png",
-            lambda path: plot_sigma_over_finetuning(sigma_history, cfg.method, path),
+            lambda path: plot_sigma_over_finetuning(state.sigma_history, cfg.method, path),
         )
-    hooks.checkpoint("agent_final.pt", counters)
+    hooks.checkpoint("agent_final.pt", state)
     return counters
 
 
@@ -281,11 +269,11 @@ def check_resume(client, cfg: FinetuneConfig, from_run: str) -> None:
         )
 
 
-def resume_state(client, cfg: FinetuneConfig, run_dir: Path, p: Pipeline) -> dict[str, int]:
-    """Load the newest agent checkpoint of run ``cfg.resume`` (and its local replay buffer, if kept)."""
+def find_checkpoint(client, cfg: FinetuneConfig, run_dir: Path) -> tuple[Path, dict]:
+    """The newest agent checkpoint of run ``cfg.resume`` (local, else from its artifacts): path and dict."""
     from mlflow.exceptions import MlflowException
 
-    ckpts = []
+    found = []
     for name in ("agent_final.pt", "agent_last.pt"):
         path = run_dir / "checkpoints" / name
         if not path.exists():
@@ -293,22 +281,18 @@ def resume_state(client, cfg: FinetuneConfig, run_dir: Path, p: Pipeline) -> dic
                 path = Path(client.download_artifacts(cfg.resume, f"checkpoints/{name}", str(run_dir)))
             except (MlflowException, OSError):
                 continue
-        ckpts.append(torch.load(path, weights_only=True))
-    if not ckpts:
+        found.append((path, read_agent(path)))
+    if not found:
         raise ValueError(f"resume={cfg.resume!r} has no agent checkpoint to continue from")
-    ckpt = max(ckpts, key=lambda c: c["counters"]["env_steps"])
-    p.loss.load_state_dict(ckpt["loss"])
-    for name, opt in p.optimizers.items():
-        opt.load_state_dict(ckpt["optimizers"][name])
-    if (run_dir / "replay").exists():
-        p.buffer.loads(run_dir / "replay")
-    else:
-        print(f"[tmrl] no local replay buffer under {run_dir}: continuing with an empty one")
-    return dict(ckpt["counters"])
+    return max(found, key=lambda f: f[1]["counters"]["env_steps"])
 
 
 def finetune(cfg: FinetuneConfig, from_run: str) -> str:
-    """Fine-tune the CSP policy of run ``from_run`` with ``cfg.method``; returns the new run's id."""
+    """Fine-tune the CSP policy of run ``from_run`` with ``cfg.method``; returns the new run's id.
+
+    The run ends FINISHED, FAILED (with the error: ``tracking.end_run``) or, on Ctrl-C, KILLED after
+    saving a checkpoint that ``resume=<run_id>`` continues from (see ``app.finetune_state``).
+    """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
@@ -328,24 +312,25 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
             parent_run_id=from_run,
         )
     run_dir = Path(cfg.output_dir) / run_id
-    ok = False
+    owned = not cfg.resume  # a refused resume leaves the run's status as it was
     try:
-        raw = cfg.method in ("sac", "rlpd")
-        p = build_pipeline(
-            cfg, None if raw else base.policy, run_dir / "buffer", demos, not cfg.resume, base.sensor
-        )
-        start = None
-        if cfg.resume:
-            start = resume_state(client, cfg, run_dir, p)
-            client.update_run(run_id, status="RUNNING")
-        else:
+        path, ckpt = find_checkpoint(client, cfg, run_dir) if cfg.resume else (None, None)
+        seed = None if ckpt is None else resume_seed(cfg.seed, ckpt["counters"]["env_steps"])
+        policy = None if cfg.method in ("sac", "rlpd") else base.policy
+        p = build_pipeline(cfg, policy, run_dir / "buffer", demos, not cfg.resume, base.sensor, seed)
+        if ckpt is None:
+            state = LoopState()
             tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
             client.log_text(run_id, to_yaml(cfg), "config.yaml")
+        else:
+            state = restore(path, ckpt, p.loss, p.optimizers, p.buffer, run_dir / "replay")
+            client.update_run(run_id, status="RUNNING")
+            owned = True
 
-        def checkpoint(name: str, counters: dict[str, int]) -> None:
-            path = save_agent(run_dir / "checkpoints" / name, p.loss, p.optimizers, counters)
-            client.log_artifact(run_id, str(path), "checkpoints")
-            p.buffer.dumps(run_dir / "replay")  # local only: what a resumed run refills from
+        def checkpoint(name: str, state: LoopState) -> None:
+            path = run_dir / "checkpoints" / name
+            save_checkpoint(path, run_dir / "replay", p.loss, p.optimizers, p.buffer, state)
+            client.log_artifact(run_id, str(path), "checkpoints")  # the replay dump stays local
 
         def plot(name: str, draw: Callable[[Path], Path]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
@@ -357,10 +342,19 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
             plot=plot,
         )
         try:
-            run_loop(cfg, p, hooks, start)
+            run_loop(cfg, p, hooks, state)
+        except KeyboardInterrupt:
+            checkpoint("agent_last.pt", state)
+            steps = state.counters["env_steps"]
+            print(f"[tmrl] interrupted at {steps} env steps, checkpoint saved; continue with "
+                  f"`tmrl finetune --from-run {from_run} resume={run_id}` (same --config and overrides)",
+                  flush=True)  # fmt: skip
+            raise
         finally:
             p.collector.shutdown()
-        ok = True
-    finally:
-        tracking.end_run(client, run_id, ok=ok)
+    except BaseException as err:
+        if owned:
+            tracking.end_run(client, run_id, ok=False, error=err)
+        raise
+    tracking.end_run(client, run_id, ok=True)
     return run_id

@@ -3,21 +3,31 @@ MLflow.
 
 One fit is one MLflow run. Rank zero creates it before training and publishes its id in ``TMRL_RUN_ID`` so
 the processes a multi-device strategy launches log into the same run instead of opening their own.
+
+Resume: ``checkpoints/last.ckpt`` is saved every ``trainer.checkpoint_every_n_steps`` steps (and at the
+last one); ``resume=<run id>`` continues a fit killed at any moment into the same run, exactly as if it had
+never stopped: weights, EMA, optimizer, loop counters and RNG states come back from the checkpoint
+(modules/csp.py), and the data order and every item's random draws are functions of (seed, epoch) that
+start again where training stopped (datamodules/state.py).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import mlflow
 import numpy as np
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow.exceptions import MlflowException
 
 from app import tracking
 from app.config import flatten, to_yaml
@@ -27,10 +37,12 @@ from app.tasks.registry import task_of_fit
 from datamodules.episodes import EpisodeStore
 from datamodules.state import StateDataConfig, WindowDataModule
 from modules.csp import CSPModule
+from modules.nets.checkpoint import load_checkpoint_file, read_checkpoint
 from modules.nets.keys import IMAGE
 from modules.nets.policy import CSPPolicy
 
 RUN_ID_ENV = "TMRL_RUN_ID"
+LAST_CKPT = "last.ckpt"  # under <output_dir>/<run id>/checkpoints and the run's "checkpoints" artifacts
 
 
 def _global_rank() -> int:
@@ -66,41 +78,115 @@ def ensure_demos(
     return task.generate_demos(demos, path)
 
 
-def _resume_checkpoint(cfg: FitConfig, client) -> tuple[str | None, str | None]:
-    """(checkpoint path, run id to continue) from ``cfg.resume``: a .ckpt file, or a fit run's id."""
+def _resume_checkpoint(cfg: FitConfig) -> tuple[str | None, str | None]:
+    """(checkpoint path, run id to continue) from ``cfg.resume``.
+
+    A fit run's id continues THAT run from its last checkpoint: the local
+    ``<output_dir>/<id>/checkpoints/last.ckpt`` when there is one (a killed fit's latest), else the run's
+    artifact. A .ckpt file path starts a NEW run from the checkpoint (weights, optimizer, counters, RNG).
+
+    Raises:
+        ValueError: naming the id, when it is no run of the tracking store, not a `tmrl fit` run, or a run
+            with no last checkpoint. Raised before anything is written.
+    """
     if cfg.resume is None:
         return None, None
     if Path(cfg.resume).is_file():
         return cfg.resume, None
-    local = Path(cfg.output_dir) / cfg.resume / "checkpoints" / "last.ckpt"
+    uri = tracking.resolve_uri(cfg.tracking)
+    try:
+        run = tracking.client_for(cfg.tracking).get_run(cfg.resume)
+    except MlflowException as err:  # the id is not a run in this store
+        raise ValueError(
+            f"resume={cfg.resume!r} is neither a checkpoint file nor a run id in {uri}; expected the id of a "
+            f"`tmrl fit` run (printed as run_id=...) or a .ckpt path"
+        ) from err
+    stage = run.data.tags.get(tracking.STAGE_TAG)
+    if stage != "pretrain":
+        raise ValueError(
+            f"resume={cfg.resume!r} is not a CSP pre-training run (its {tracking.STAGE_TAG} tag is "
+            f"{stage!r}); `tmrl fit` resumes the runs `tmrl fit` started"
+        )
+    local = Path(cfg.output_dir) / cfg.resume / "checkpoints" / LAST_CKPT
     if local.is_file():
         return str(local), cfg.resume
     try:
-        client.get_run(cfg.resume)
-    except Exception as err:  # MlflowException: the id is not a run in this store
+        path = mlflow.artifacts.download_artifacts(
+            run_id=cfg.resume, artifact_path=f"checkpoints/{LAST_CKPT}", tracking_uri=uri
+        )
+    except (MlflowException, OSError) as err:
         raise ValueError(
-            f"resume={cfg.resume!r} is neither a checkpoint file nor a run id in "
-            f"{tracking.resolve_uri(cfg.tracking)}"
+            f"resume={cfg.resume!r}: the run has no checkpoint to resume from, neither {local} nor the "
+            f"artifact checkpoints/{LAST_CKPT} (killed before its first save?); start a new fit"
         ) from err
-    path = mlflow.artifacts.download_artifacts(
-        run_id=cfg.resume,
-        artifact_path="checkpoints/last.ckpt",
-        tracking_uri=tracking.resolve_uri(cfg.tracking),
-    )
     return path, cfg.resume
 
 
+def check_resumable(path: str, policy: CSPPolicy) -> None:
+    """Refuse a checkpoint whose policy has other parameters or shapes than ``policy`` (built from this
+    fit's config), naming the config values and dimensions that differ.
+
+    Raises:
+        ValueError: naming ``path`` and the differences.
+    """
+    config, dims, _, saved = read_checkpoint(load_checkpoint_file(path, "cpu"))
+    mine = policy.state_dict()
+    if saved.keys() == mine.keys() and all(saved[k].shape == mine[k].shape for k in mine):
+        return
+    here = {
+        **{f"policy.{k}": v for k, v in asdict(policy.cfg).items()},
+        **{k: getattr(policy, k) for k in dims},
+    }
+    there = {**{f"policy.{k}": v for k, v in config.items()}, **dims}
+    diffs = [f"{k}={there[k]!r} there, {here[k]!r} here" for k in there if k in here and there[k] != here[k]]
+    raise ValueError(
+        f"resume: {path} holds a policy of other dimensions than this config builds "
+        f"({'; '.join(diffs) or 'parameter shapes differ'}); resume with the config it was trained with "
+        f"(the run's config.yaml artifact)"
+    )
+
+
+class LastCheckpoint(Checkpoint):
+    """Saves ``path`` every ``every`` training steps and at the last one, at the end of the training batch
+    (a resumed fit goes on with the next one). Written beside ``path`` and renamed onto it, so a fit killed
+    at any moment leaves a whole checkpoint. (A ``Checkpoint``: Lightning runs it after other callbacks.)"""
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every = Path(path), every
+        self.interrupted = False  # a Ctrl-C ended training (Lightning then exits with SystemExit(1))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step % self.every and trainer.global_step < trainer.max_steps:
+            return
+        self._save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        """Ctrl-C: save where training stopped, so ``resume=<run id>`` continues from there."""
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            self.interrupted = True
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            for count in (progress.total, progress.current):  # the batch it stopped in is redone on resume:
+                count.ready = count.started = min(count.started, count.processed)  # as if saved before it
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+
+
 def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val: bool) -> tuple:
-    ckpt = ModelCheckpoint(
+    t = cfg.trainer
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/loss" if has_val else "train/loss",
         mode="min",
-        save_last=True,
         save_top_k=1,
-        every_n_train_steps=None if has_val else cfg.trainer.val_check_interval,
+        every_n_train_steps=None if has_val else t.val_check_interval,
     )
-    t = cfg.trainer
+    last = LastCheckpoint(run_dir / "checkpoints" / LAST_CKPT, t.checkpoint_every_n_steps)
     trainer = L.Trainer(
         max_steps=t.max_steps,
         accelerator=t.accelerator,
@@ -115,11 +201,12 @@ def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val:
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         logger=logger,
-        callbacks=[ckpt, LearningRateMonitor()],
+        callbacks=[best, last, LearningRateMonitor()],
         default_root_dir=run_dir,
         enable_model_summary=True,
+        use_distributed_sampler=False,  # the data module's WindowSampler splits the data between ranks
     )
-    return trainer, ckpt
+    return trainer, best, last
 
 
 def make_datamodule(cfg: FitConfig) -> WindowDataModule:
@@ -135,6 +222,7 @@ def fit_task(cfg: FitConfig) -> Task:
 def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path, resumed_run = _resume_checkpoint(cfg)  # a bad resume= is refused before any work
     task = fit_task(cfg)
     store = ensure_demos(task, cfg.data, cfg.demos)
     dm = task.datamodule(cfg)
@@ -142,10 +230,11 @@ def fit(cfg: FitConfig) -> str:
     dims = dict(obs_dim=dm.obs_dim, action_dim=dm.action_dim, goal_dim=dm.goal_dim)
     policy = CSPPolicy(cfg.policy, **dims, sensor=task.sensor(cfg))  # the sensor travels with the policy
     policy.set_normalization(dm.stats)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, policy)
     module = CSPModule(policy, cfg.optim)
 
     client = tracking.client_for(cfg.tracking)
-    ckpt_path, resumed_run = _resume_checkpoint(cfg, client)
     run_id = os.environ.get(RUN_ID_ENV) or resumed_run
     if run_id is None and _global_rank() != 0:
         # a rank started by an external launcher (SLURM): only rank zero logs, into the run it creates
@@ -164,7 +253,8 @@ def fit(cfg: FitConfig) -> str:
     published = not placeholder and RUN_ID_ENV not in os.environ
     if published:
         os.environ[RUN_ID_ENV] = run_id  # processes launched by a DDP strategy inherit it
-    ok = False
+    error: BaseException | None = None
+    last = None
     try:
         uri = tracking.resolve_uri(cfg.tracking)
         logger = (
@@ -172,15 +262,24 @@ def fit(cfg: FitConfig) -> str:
         )
         run_dir = Path(cfg.output_dir) / run_id
         has_val = dm.val_set is not None and len(dm.val_set) > 0
-        trainer, ckpt = _build_trainer(cfg, logger, run_dir, has_val)
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        trainer, best, last = _build_trainer(cfg, logger, run_dir, has_val)
+        with warnings.catch_warnings():  # it is: the data module resumes mid-epoch (its WindowSampler)
+            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if trainer.is_global_zero:
-            _finish(cfg, task, client, run_id, module, ckpt, store, run_dir)
-        ok = True
+            _finish(cfg, task, client, run_id, module, [last.path, best.best_model_path], store, run_dir)
+    except BaseException as err:
+        error = err
+        if isinstance(err, SystemExit) and last is not None and last.interrupted:  # Lightning's Ctrl-C exit
+            error = KeyboardInterrupt()
+            print(f"[tmrl] interrupted: {last.path} holds the last step; continue with "
+                  f"`tmrl fit --config <the same config> resume={run_id}`", file=sys.stderr)  # fmt: skip
+            raise error from None
+        raise
     finally:
         if published:
             os.environ.pop(RUN_ID_ENV, None)
-            tracking.end_run(client, run_id, ok=ok)
+            tracking.end_run(client, run_id, ok=error is None, error=error)
     return run_id
 
 
@@ -196,11 +295,9 @@ def log_input_frames(client, run_id: str, dm: WindowDataModule, count: int = 16)
         client.log_artifact(run_id, str(frame_grid(frames, Path(tmp) / "input_frames.png", title)), "plots")
 
 
-def _finish(
-    cfg, task: Task, client, run_id, module: CSPModule, ckpt: ModelCheckpoint, store, run_dir: Path
-) -> None:
+def _finish(cfg, task: Task, client, run_id, module: CSPModule, ckpts: list, store, run_dir: Path) -> None:
     """Rank zero after training: checkpoints and the bare policy as artifacts, then zero-shot evaluation."""
-    for path in {ckpt.last_model_path, ckpt.best_model_path} - {""}:
+    for path in {str(p) for p in ckpts if p and Path(p).is_file()}:
         client.log_artifact(run_id, path, "checkpoints")
     policy = module.ema.cpu().eval()
     policy_path = run_dir / "policy.pt"

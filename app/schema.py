@@ -32,6 +32,9 @@ class TrainerConfig:
     val_check_interval: int = 1000  # training steps between validations
     limit_val_batches: int = 20
     log_every_n_steps: int = 50
+    # training steps between saves of checkpoints/last.ckpt (also saved at the last step): what a killed fit
+    # resumed with resume=<run id> loses at most
+    checkpoint_every_n_steps: int = 100
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -39,6 +42,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
         if self.val_check_interval < 1:
             raise ValueError(f"trainer.val_check_interval must be >= 1, got {self.val_check_interval}")
+        if self.checkpoint_every_n_steps < 1:
+            raise ValueError(
+                f"trainer.checkpoint_every_n_steps must be >= 1, got {self.checkpoint_every_n_steps}"
+            )
 
     def devices_arg(self) -> str | int | list[int]:
         """`devices` as Lightning wants it: 'auto', an int, or a list of indices."""
@@ -56,7 +63,8 @@ class FitConfig:
 
     seed: int = 0
     output_dir: str = "runs"  # local checkpoints go to <output_dir>/<run_id>/checkpoints
-    resume: str | None = None  # a Lightning checkpoint path to continue from
+    # a `tmrl fit` run id: continue that run from its last checkpoint; or a .ckpt path: a new run from it
+    resume: str | None = None
     data: StateDataConfig = field(default_factory=StateDataConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

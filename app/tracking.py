@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,8 @@ GIT_COMMIT_TAG = "tmrl.git_commit"
 DATASET_TAG = "tmrl.dataset_fingerprint"
 STAGE_TAG = "tmrl.stage"
 PRETRAIN_TAG = "tmrl.pretrain_run_id"
+ERROR_TAG = "tmrl.error"  # "<exception type>: <message>" of a FAILED run, cut to ERROR_CHARS
+ERROR_CHARS = 500
 
 
 @dataclass
@@ -111,8 +115,25 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
-def end_run(client: MlflowClient, run_id: str, ok: bool) -> None:
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+def end_run(client: MlflowClient, run_id: str, ok: bool, error: BaseException | None = None) -> None:
+    """Mark the run FINISHED (``ok``), KILLED (``error`` is a KeyboardInterrupt) or FAILED; a FAILED run
+    with an ``error`` gets its type and message as the ``tmrl.error`` tag and its traceback as the
+    artifact ``error.txt``. Never raises: a tracking store that fails here is reported as a warning, so
+    that it cannot mask the exception that ended the run."""
+    status = RunStatus.FINISHED if ok else RunStatus.FAILED
+    if isinstance(error, KeyboardInterrupt):
+        status, error = RunStatus.KILLED, None
+    try:
+        if error is not None and not ok:
+            client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
+            client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+        client.set_terminated(run_id, RunStatus.to_string(status))
+    except Exception as err:  # the store's own failure must not replace the exception that ended the run
+        print(
+            f"[tmrl] warning: could not mark run {run_id} {RunStatus.to_string(status)} in the tracking "
+            f"store: {type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
 
 
 def fetch_pretrain_run(uri: str, run_id: str, dst: str | Path) -> dict[str, Path]:

@@ -16,7 +16,8 @@ and reads the rows a batch needs, stacked history included, in ONE read (``__get
 low-dimensional arrays are loaded whole. ``load_to_memory=true`` loads the frames too.
 
 Augmentation (training split only, inside the dataset, so in the DataLoader workers): the DrQ /
-diffusion-policy random shift, see :class:`ImageAugment`.
+diffusion-policy random shift, see :class:`ImageAugment`. Each item draws its shift and goal from the
+generator of its sampler key (datamodules/state.py), so workers and resumed fits see the same items.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ import zarr
 from torch.utils.data import Dataset
 
 from datamodules.episodes import EpisodeStore, StoreRows
-from datamodules.pointcloud import DatasetMismatchError, episode_rows, sample_goal_index
-from datamodules.state import SEGMENT_KEY, StateDataConfig, WindowDataModule, split_windows
+from datamodules.pointcloud import DatasetMismatchError, episode_rows
+from datamodules.state import (
+    SEGMENT_KEY,
+    StateDataConfig,
+    WindowDataModule,
+    sample_goal_index,
+    split_key,
+    split_windows,
+)
 from modules.nets.keys import ACTION, GOAL, IMAGE, OBS
 
 
@@ -226,29 +234,31 @@ class ImageWindowDataset(Dataset):
         """(R, C, H, W, 3) uint8 frames at the sorted, unique store rows ``rows``, in one read."""
         return self.source.read(rows)
 
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """The items of a whole batch, with ONE read of the frames they need (the DataLoader calls this)."""
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """The items of a whole batch, with ONE read of the frames they need (the DataLoader calls this);
+        ``keys`` as :func:`datamodules.state.split_key` reads them."""
+        indices, generators = zip(*map(split_key, keys), strict=True) if keys else ((), ())
         idx = np.asarray(indices, dtype=np.int64)
         windows, history = self.windows[idx], self.history[idx]  # (B, 2), (B, k)
         rows, inverse = np.unique(history, return_inverse=True)
         block = self._read_frames(rows)  # (R, C, H, W, 3)
         images = torch.from_numpy(block[inverse.reshape(history.shape)]).flatten(1, 2)  # (B, k * C, H, W, 3)
-        if self.augment is not None:
-            images = self.augment(images)
+        if self.augment is not None:  # (V, H, W, 3) per item: each with its own generator
+            images = [self.augment(image, g) for image, g in zip(images, generators, strict=True)]
         items = []
-        for (start, end), image in zip(windows.tolist(), images, strict=True):
+        for (start, end), image, g in zip(windows.tolist(), images, generators, strict=True):
             item = {
                 OBS: torch.from_numpy(self.observations[start]),  # (d_o,)
                 IMAGE: image,  # (k * C, H, W, 3) uint8
                 ACTION: torch.from_numpy(self.actions[start : start + self.chunk_len]),  # (L, d_a)
             }
             if self.goals is not None:
-                item[GOAL] = torch.from_numpy(self.goals[sample_goal_index(start, end, *self.goal_args)])
+                item[GOAL] = torch.from_numpy(self.goals[sample_goal_index(start, end, *self.goal_args, g)])
             items.append(item)
         return items
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])[0]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self.__getitems__([key])[0]
 
 
 def image_statistics(

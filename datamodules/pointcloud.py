@@ -28,7 +28,14 @@ import zarr
 from torch.utils.data import Dataset
 
 from datamodules.episodes import EpisodeStore, StoreRows
-from datamodules.state import SEGMENT_KEY, StateDataConfig, WindowDataModule, split_windows
+from datamodules.state import (
+    SEGMENT_KEY,
+    StateDataConfig,
+    WindowDataModule,
+    sample_goal_index,
+    split_key,
+    split_windows,
+)
 from modules.nets.keys import ACTION, GOAL, OBS, POINTCLOUD
 from modules.nets.pointnet import pointcloud_stats
 
@@ -102,19 +109,6 @@ def check_pointcloud_store(store: EpisodeStore, cfg: PointCloudDataConfig) -> st
     return str(goal_key)
 
 
-def sample_goal_index(start: int, end: int, sampling: str, geometric_p: float, end_p: float) -> int:
-    """A goal row in [start, end) for the window starting at ``start`` (StateDataConfig's goal_sampling).
-
-    Draws from torch's RNG, which the DataLoader seeds per worker, so workers draw different goals.
-    """
-    if end_p and torch.rand(()).item() < end_p:
-        return end - 1
-    if sampling in ("future", "segment"):  # uniform over [start, end)
-        return int(torch.randint(start, end, ()).item())
-    offset = int(np.floor(np.log1p(-torch.rand(()).item()) / np.log1p(-geometric_p)))
-    return min(start + offset, end - 1)
-
-
 @dataclass(frozen=True)
 class CloudAugment:
     """Jitter and a rotation about the vertical (z) axis through ``center_xy``, for one (N, 3) cloud."""
@@ -123,17 +117,17 @@ class CloudAugment:
     rotate_deg: float  # the angle is uniform in [-rotate_deg, rotate_deg]
     center_xy: tuple[float, float]  # the rotation's axis, world metres
 
-    def __call__(self, cloud: torch.Tensor) -> torch.Tensor:
-        """(N, 3) -> (N, 3), a new tensor; draws from torch's RNG."""
+    def __call__(self, cloud: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N, 3) -> (N, 3), a new tensor; draws from ``generator`` (None: torch's global RNG)."""
         out = cloud.clone()
         if self.rotate_deg > 0:
-            angle = math.radians(self.rotate_deg) * (2.0 * torch.rand(()).item() - 1.0)
+            angle = math.radians(self.rotate_deg) * (2.0 * torch.rand((), generator=generator).item() - 1.0)
             c, s = math.cos(angle), math.sin(angle)
             rot = torch.tensor([[c, -s], [s, c]], dtype=cloud.dtype)
             center = torch.tensor(self.center_xy, dtype=cloud.dtype)
             out[:, :2] = (cloud[:, :2] - center) @ rot.T + center  # z unchanged
         if self.jitter_std > 0:
-            out += self.jitter_std * torch.randn_like(out)
+            out += self.jitter_std * torch.randn(out.shape, dtype=out.dtype, generator=generator)
         return out
 
 
@@ -174,25 +168,28 @@ class PointCloudWindowDataset(Dataset):
         """(R, N, 3) float32 clouds at the sorted, unique store rows ``rows``, in one read."""
         return self.source.read(rows).astype(np.float32, copy=False)
 
-    def _item(self, start: int, end: int, cloud: np.ndarray) -> dict[str, torch.Tensor]:
-        g = sample_goal_index(start, end, *self.goal_args)
+    def _item(self, start: int, end: int, cloud: np.ndarray, generator) -> dict[str, torch.Tensor]:
+        g = sample_goal_index(start, end, *self.goal_args, generator)
         pc = torch.from_numpy(cloud)
         return {
             OBS: torch.from_numpy(self.observations[start]),  # (d_o,)
             GOAL: torch.from_numpy(self.goals[g]),  # (d_g,)
-            POINTCLOUD: self.augment(pc) if self.augment is not None else pc,  # (N, 3)
+            POINTCLOUD: self.augment(pc, generator) if self.augment is not None else pc,  # (N, 3)
             ACTION: torch.from_numpy(self.actions[start : start + self.chunk_len]),  # (L, d_a)
         }
 
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """The items of a whole batch, with ONE read of the clouds they need (the DataLoader calls this)."""
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """The items of a whole batch, with ONE read of the clouds they need (the DataLoader calls this);
+        ``keys`` as :func:`datamodules.state.split_key` reads them."""
+        indices, generators = zip(*map(split_key, keys), strict=True) if keys else ((), ())
         windows = self.windows[np.asarray(indices, dtype=np.int64)]  # (B, 2)
         rows, inverse = np.unique(windows[:, 0], return_inverse=True)
         clouds = self._read_clouds(rows)  # (R, N, 3)
-        return [self._item(int(s), int(e), clouds[j]) for (s, e), j in zip(windows, inverse, strict=True)]
+        parts = zip(windows.tolist(), inverse, generators, strict=True)
+        return [self._item(s, e, clouds[j], g) for (s, e), j, g in parts]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])[0]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self.__getitems__([key])[0]
 
 
 def cloud_statistics(

@@ -9,6 +9,12 @@ With ``goal_sampling="segment"`` the future state is drawn from the rest of the 
 segment (the steps it spent heading for one goal): noisy-expert "navigate" data wander between goals, and
 a goal from a later segment labels the current action with a detour.
 
+Randomness: the loaders read windows through a :class:`WindowSampler`, whose keys ``(index, seed)`` fix
+both the order and every item's random draws (its hindsight goal, its augmentation) as functions of the
+fit's seed and the epoch. A fit therefore sees the same items whatever its number of DataLoader workers,
+and a resumed fit sees exactly the items the uninterrupted one would have: the sampler starts part-way
+through the epoch, where the restored loop counters say training stopped.
+
 Normalization statistics are computed once, from the training episodes, and handed to the policy, which
 keeps them as buffers (they travel with its checkpoint). Episodes, not windows, are split into train and
 validation so no validation window shares an episode with a training one.
@@ -16,12 +22,14 @@ validation so no validation window shares an episode with a training one.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.episodes import EpisodeStore
 from modules.nets.keys import ACTION, GOAL, OBS
@@ -80,6 +88,70 @@ def window_starts(episode_ends: np.ndarray, episodes: np.ndarray, chunk_len: int
     return np.concatenate(rows)
 
 
+def split_key(key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+    """(window index, generator) of a dataset key: a plain index draws from torch's global RNG (which the
+    DataLoader seeds per worker), a :class:`WindowSampler` key ``(index, seed)`` from a generator seeded
+    with ``seed``."""
+    if isinstance(key, tuple):
+        index, seed = key
+        return int(index), torch.Generator().manual_seed(int(seed))
+    return int(key), None
+
+
+def sample_goal_index(
+    start: int,
+    end: int,
+    sampling: str,
+    geometric_p: float,
+    end_p: float,
+    generator: torch.Generator | None = None,
+) -> int:
+    """A goal row in [start, end) for the window starting at ``start`` (StateDataConfig's goal_sampling),
+    drawn from ``generator`` (None: torch's global RNG)."""
+
+    def uniform() -> float:
+        return torch.rand((), generator=generator).item()
+
+    if end_p and uniform() < end_p:
+        return end - 1
+    if sampling in ("future", "segment"):  # uniform over [start, end)
+        return int(torch.randint(start, end, (), generator=generator).item())
+    offset = int(np.floor(np.log1p(-uniform()) / np.log1p(-geometric_p)))
+    return min(start + offset, end - 1)
+
+
+class WindowSampler(Sampler):
+    """The keys ``(index, seed)`` a loader reads windows by: a permutation of the windows (0 .. n-1 in
+    order when not ``shuffle``) and a seed per key, both functions of (seed, epoch) alone (the epoch only
+    when shuffling: validation draws the same items every time).
+
+    Distributed: rank ``rank`` of ``world`` reads every world-th key of the first ``len(self) * world``.
+    ``skip``: the next iteration leaves out its first ``skip`` keys (those a resumed fit already trained
+    on), then it is reset to 0.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world = rank, world
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at the start of every epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch if self.shuffle else 0])
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        seeds = rng.integers(0, 2**63 - 1, size=self.size)
+        mine = slice(self.rank, len(self) * self.world, self.world)
+        skip, self.skip = self.skip, 0
+        return itertools.islice(zip(order[mine].tolist(), seeds[mine].tolist(), strict=True), skip, None)
+
+
 class WindowDataset(Dataset):
     """Windows (observation, hindsight goal, action chunk) over in-memory episode arrays."""
 
@@ -99,30 +171,20 @@ class WindowDataset(Dataset):
         self.windows = windows
         self.chunk_len = chunk_len
         self.goal_indices = None if goal_indices is None else np.asarray(goal_indices)
-        self.goal_sampling = goal_sampling
-        self.goal_geometric_p = goal_geometric_p
-        self.goal_end_p = goal_end_p
+        self.goal_args = (goal_sampling, goal_geometric_p, goal_end_p)
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def _goal_index(self, start: int, end: int) -> int:
-        # torch's RNG: DataLoader seeds it per worker, so workers draw different goals.
-        if self.goal_end_p and torch.rand(()).item() < self.goal_end_p:
-            return end - 1
-        if self.goal_sampling in ("future", "segment"):  # uniform over [start, goal_end)
-            return int(torch.randint(start, end, ()).item())
-        offset = int(np.floor(np.log1p(-torch.rand(()).item()) / np.log1p(-self.goal_geometric_p)))
-        return min(start + offset, end - 1)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, generator = split_key(key)
         start, end = (int(v) for v in self.windows[i])
         item = {
             OBS: torch.from_numpy(self.observations[start]),
             ACTION: torch.from_numpy(self.actions[start : start + self.chunk_len]),  # (L, d_a)
         }
         if self.goal_indices is not None:
-            g = self._goal_index(start, end)
+            g = sample_goal_index(start, end, *self.goal_args, generator)
             item[GOAL] = torch.from_numpy(self.observations[g, self.goal_indices])
         return item
 
@@ -204,18 +266,31 @@ class WindowDataModule(L.LightningDataModule):
         return int(self.train_set.actions.shape[1])
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = WindowSampler(len(dataset), self.seed, shuffle, rank, world)
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=workers,
             persistent_workers=workers > 0,
+            # its own generator: starting an iterator (every validation) then never draws from torch's
+            # global RNG, whose state a resumed fit restores for the training step's noise
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """Shuffled windows; a resumed fit (Lightning restores its loop counters before asking for this
+        loader) starts after the batches of the current epoch it already trained on."""
+        loader = self._loader(self.train_set, shuffle=True)
+        if self.trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            # a checkpoint of the epoch's last batch: Lightning goes on with the next epoch, from its start
+            loader.sampler.skip = done * self.cfg.batch_size if done < len(loader) else 0
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

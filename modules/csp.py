@@ -3,20 +3,26 @@
 It wraps the policy (it does not subclass it): the loss, the forward noising and sampling all live in
 ``modules.nets.policy``, so the fine-tuning stage loads the very same class from the checkpoint with no
 Lightning import. This module adds what training needs: the optimizer, an EMA of the weights (used for
-validation, evaluation and export), and the policy's own checkpoint dict under ``"tmrl_policy"`` inside
-every Lightning checkpoint.
+validation, evaluation and export), and, inside every Lightning checkpoint, the policy's own checkpoint dict
+under ``"tmrl_policy"`` and the random number generators' states under ``"rng"``: a fit resumed from it
+draws the noise the uninterrupted one would have (its data order is the data module's, see
+datamodules/state.py).
 """
 
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
 import torch
 
 from modules.nets.checkpoint import LIGHTNING_KEY, READABLE_VERSIONS, upgrade_v1_state_dict
 from modules.nets.policy import CSPPolicy
+
+RNG_KEY = "rng"
 
 
 @dataclass
@@ -53,6 +59,7 @@ class CSPModule(L.LightningModule):
         self.policy = policy
         self.optim = optim
         self.ema = copy.deepcopy(policy).requires_grad_(False)
+        self._batch: dict[str, torch.Tensor] | None = None  # the training step's, for update_ema
 
     def _sigma(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training noise levels (B,) ~ U[0, optim.sigma_max]."""
@@ -62,7 +69,14 @@ class CSPModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.policy.loss(batch, sigma=self._sigma(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["action"]))
+        self._batch = batch
         return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the EMA moves here, not in on_train_batch_end: callbacks' on_train_batch_end (the checkpoints)
+        # run before the module's, and a checkpoint must hold the EMA of the step it records
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema(self._batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # fixed noise per batch index, so val/loss moves only when the (EMA) weights do
@@ -73,13 +87,14 @@ class CSPModule(L.LightningModule):
         return loss
 
     @torch.no_grad()
-    def on_train_batch_end(self, *args) -> None:
+    def update_ema(self, batch: dict[str, torch.Tensor]) -> None:
+        """One EMA step towards the trained weights, after an optimizer step on ``batch``."""
         ema_params = list(self.ema.parameters())
         params = [p.detach() for p in self.policy.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - self.optim.ema_decay)
         # running statistics (an image embedding's) must be those of the EMA's OWN features: its weights
         # lag the trained ones, so it tracks them on the batch itself (a forward of its encoder, no grad)
-        self.ema.track_statistics(args[1])
+        self.ema.track_statistics(batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
@@ -92,9 +107,11 @@ class CSPModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the bare policy class reads this key: no Lightning needed to load a pre-trained policy
         checkpoint[LIGHTNING_KEY] = self.ema.to_checkpoint()
+        checkpoint[RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Before Lightning loads ``checkpoint["state_dict"]``: rename a version-1 policy's keys.
+        """Before Lightning loads ``checkpoint["state_dict"]``: rename a version-1 policy's keys, and
+        restore the RNG states saved with it.
 
         The version is that of the policy checkpoint under ``LIGHTNING_KEY``; version 1 held the context's
         modules at the policy's top level ("policy.obs_norm.*", "ema.clean_encoder.*", ...).
@@ -112,3 +129,28 @@ class CSPModule(L.LightningModule):
             )
         if version == 1:
             checkpoint["state_dict"] = upgrade_v1_state_dict(checkpoint["state_dict"], ("policy.", "ema."))
+        if RNG_KEY in checkpoint:  # checkpoints written before RNG states were saved resume without them
+            set_rng_states(checkpoint[RNG_KEY])
+
+
+def rng_states() -> dict:
+    """The states of torch's (CPU and CUDA), numpy's and Python's global generators, in types
+    ``torch.load(weights_only=True)`` reads (the bare policy class loads Lightning checkpoints so)."""
+    name, keys, *rest = np.random.get_state()  # ("MT19937", keys (624,) uint32, pos, has_gauss, gauss)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys), *rest],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

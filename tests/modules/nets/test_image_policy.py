@@ -132,7 +132,7 @@ def test_the_ema_policy_follows_the_running_statistics() -> None:
             p.add_(0.1)
     module.policy.context.embedder(batch[IMAGE])  # a training forward moves the trained policy's statistics
     module.ema.eval()
-    module.on_train_batch_end(None, batch, 0)
+    module.update_ema(batch)
     ema_norm = module.ema.context.embedder.embed_norm
     assert not module.ema.context.embedder.training  # the modes are restored
     # the EMA's statistics are those of its OWN features on the batch, not a copy of the trained policy's
