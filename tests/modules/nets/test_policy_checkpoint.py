@@ -1,4 +1,5 @@
-"""Policy checkpoints across versions: version-1 files load bit-exactly, version 2 carries the sensor."""
+"""Policy checkpoints across versions: version-1 files load with the same outputs (to the float tolerance
+of another machine), version 2 carries the sensor."""
 
 from pathlib import Path
 
@@ -37,10 +38,15 @@ def samples(policy: CSPPolicy, want: dict) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+# The expected samples were computed on another machine: CPU kernels (vector widths, summation order)
+# differ there in the last bits, 1.1e-5 after 10 denoising steps; one weight matrix x1.01 moves them 1.5e-2.
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
 def assert_reproduces(policy: CSPPolicy, want: dict) -> None:
     per_sample, shared = samples(policy, want)
-    torch.testing.assert_close(per_sample, want["sample"], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(shared, want["sample_sigma_0.3_steps_2"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_sample, want["sample"], **TOL)
+    torch.testing.assert_close(shared, want["sample_sigma_0.3_steps_2"], **TOL)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -63,12 +69,8 @@ def test_version_1_pointcloud_features_and_code_map(expected: dict) -> None:
     want = expected["pointcloud"]
     assert policy.input_keys == (OBS, GOAL, POINTCLOUD) and policy.feature_dim == 16
     # what the fine-tuning agent saw (PointNet of the clean cloud) is still what it sees
-    torch.testing.assert_close(
-        policy.context_features(want["obs"]), want["clean_cloud_features"], rtol=0, atol=0
-    )
-    torch.testing.assert_close(
-        policy.context_noise_from_code(want["code"]), want["context_noise"], rtol=0, atol=0
-    )
+    torch.testing.assert_close(policy.context_features(want["obs"]), want["clean_cloud_features"], **TOL)
+    torch.testing.assert_close(policy.context_noise_from_code(want["code"]), want["context_noise"], **TOL)
 
 
 @pytest.mark.parametrize("mode", MODES)
