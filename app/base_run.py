@@ -71,7 +71,7 @@ def open_demos(path: str | None, from_run: str) -> EpisodeStore:
             f"method=rlpd needs the demonstrations of run {from_run!r}, but {path!r} is not on this machine; "
             f"set offline.path=<episode store>"
         )
-    return EpisodeStore.open(path)
+    return EpisodeStore.open(path).check()  # a damaged or non-finite store is refused before any run
 
 
 def zero_shot_on_target(cfg: FinetuneConfig, from_run: str, sigmas: list[float]) -> dict[float, float]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,7 +67,17 @@ from app.config_types import (
     _type_name,
 )
 
-__all__ = ["MISSING_VALUE", "ConfigError", "find_config_file", "flatten", "load_config", "to_dict", "to_yaml"]
+__all__ = [
+    "MISSING_VALUE",
+    "ConfigError",
+    "check_ranges",
+    "check_writable",
+    "find_config_file",
+    "flatten",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+]
 
 T = TypeVar("T")
 
@@ -307,6 +318,45 @@ def _plain_strings(cfg: Any) -> Any:
         elif isinstance(value, list):
             value[:] = [str(v) if isinstance(v, str) else v for v in value]
     return cfg
+
+
+RANGES = {  # the ranges a schema's __post_init__ names in check_ranges, and their tests (NaN fails all)
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+}
+
+
+def check_ranges(section: str, cfg: Any, **ranges: str) -> None:
+    """Refuse the first field of dataclass ``cfg`` (the config section ``section``, "" for the top level)
+    outside its range, a key of ``RANGES`` given by field name: ``check_ranges("agent", self, lr="> 0")``.
+    None values pass.
+
+    Raises:
+        ValueError: ``"<section>.<field> must be <range>, got <value>"``.
+    """
+    for name, rule in ranges.items():
+        value = getattr(cfg, name)
+        if value is not None and not RANGES[rule](value):
+            raise ValueError(f"{section + '.' if section else ''}{name} must be {rule}, got {value}")
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Refuse a directory ``path`` (config key ``key``'s value) that cannot be created or written in, before
+    any work: a scratch directory is made and removed in its nearest existing ancestor (nothing is left).
+
+    Raises:
+        ConfigError: naming ``key``, its value and why.
+    """
+    ancestor = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"{ancestor} is not a directory")
+        Path(tempfile.mkdtemp(prefix=".tmrl-write-check-", dir=ancestor)).rmdir()
+    except OSError as err:
+        raise ConfigError(f"{key}={str(path)!r} is not a writable directory: {err}") from None
 
 
 def find_config_file(path: str | Path) -> Path:

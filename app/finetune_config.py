@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from app.config import check_ranges
+from app.envs.decoders import EPS_MAPS, Z_MAPS, Z_MODES
 from app.methods import METHODS
 from app.tasks.registry import TaskConfig
 from app.tracking import TrackingConfig
@@ -29,6 +31,13 @@ class ChunkConfig:
     z_bound: float = 4.0  # |z| clip of the atanh map
     eps_map: str = "atanh"  # eps_c (or its code) = atanh(u) ("atanh") or eps_bound * u ("linear")
     eps_bound: float = 4.0  # |eps_c| <= eps_bound (the clip of "atanh", the scale of "linear")
+
+    def __post_init__(self) -> None:
+        check_ranges("chunk", self, exec_horizon=">= 1", sample_steps=">= 1", sigma_max="in (0, 1]")
+        check_ranges("chunk", self, fixed_sigma="in [0, 1]", z_bound="> 0", eps_bound="> 0")
+        for name, allowed in (("z_mode", Z_MODES), ("z_map", Z_MAPS), ("eps_map", EPS_MAPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"chunk.{name}={getattr(self, name)!r}; expected one of {list(allowed)}")
 
 
 @dataclass
@@ -67,6 +76,10 @@ class AgentConfig:
     utd_ratio: float = 1.0  # gradient updates per collected high-level transition (chunk)
 
     def __post_init__(self) -> None:
+        check_ranges("agent", self, hidden=">= 1", actor_layers=">= 1", critic_layers=">= 0")
+        check_ranges("agent", self, num_critics=">= 1", gamma="in [0, 1]", tau="in (0, 1]", lr="> 0")
+        check_ranges("agent", self, init_alpha="> 0", batch_size=">= 1", utd_ratio=">= 0", init_std="> 0")
+        check_ranges("agent", self, sigma_init_std="> 0")
         if self.regularizer not in ("auto", "entropy", "prior"):
             raise ValueError(f"agent.regularizer={self.regularizer!r}; expected 'auto', 'entropy' or 'prior'")
         if not self.target_kl_per_dim >= 0 or not self.target_kl_sigma >= 0:
@@ -91,9 +104,8 @@ class CollectConfig:
     memmap: bool = False  # LazyMemmapStorage (on disk) instead of LazyTensorStorage (memory)
 
     def __post_init__(self) -> None:
-        for key, low in (("num_envs", 1), ("chunks_per_batch", 1), ("workers", 0), ("warmup_chunks", 0)):
-            if getattr(self, key) < low:
-                raise ValueError(f"collect.{key} must be >= {low}, got {getattr(self, key)}")
+        check_ranges("collect", self, num_envs=">= 1", chunks_per_batch=">= 1", workers=">= 0")
+        check_ranges("collect", self, warmup_chunks=">= 0", buffer_size=">= 1")
         if self.warmup_actions not in ("actor", "uniform"):
             raise ValueError(f"collect.warmup_actions={self.warmup_actions!r}; expected 'actor' or 'uniform'")
 
@@ -110,6 +122,9 @@ class FinetuneEvalConfig:
     # a fresh agent decodes to z = 0, a noise the base never saw (it succeeds 0% from there)
     deterministic: bool = False
 
+    def __post_init__(self) -> None:
+        check_ranges("eval", self, every_env_steps=">= 0", episodes=">= 1")
+
 
 @dataclass
 class OfflineConfig:
@@ -119,8 +134,7 @@ class OfflineConfig:
     path: str | None = None  # episode store; None: the pre-training run's data.path
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.fraction <= 1.0:
-            raise ValueError(f"offline.fraction must be in [0, 1], got {self.fraction}")
+        check_ranges("offline", self, fraction="in [0, 1]")
 
 
 @dataclass
@@ -146,8 +160,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; expected one of {sorted(METHODS)}")
-        if self.env_steps < 1:
-            raise ValueError(f"env_steps must be >= 1, got {self.env_steps}")
+        check_ranges("", self, env_steps=">= 1", checkpoint_every_env_steps=">= 1", threads=">= 0")
         if self.method == "tmrl" and not 0.0 < self.agent.sigma_init < self.chunk.sigma_max:
             raise ValueError(
                 f"agent.sigma_init={self.agent.sigma_init} must lie inside (0, chunk.sigma_max="

@@ -24,19 +24,20 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.exceptions import MlflowException
 
 from app import tracking
-from app.config import flatten, to_yaml
+from app.config import check_writable, flatten, to_yaml
 from app.schema import DemoConfig, FitConfig
 from app.tasks.base import Task
 from app.tasks.registry import task_of_fit
 from datamodules.episodes import EpisodeStore
 from datamodules.state import StateDataConfig, WindowDataModule
-from modules.csp import CSPModule
+from modules.csp import CSPModule, DivergedError
 from modules.nets.checkpoint import load_checkpoint_file, read_checkpoint
 from modules.nets.keys import IMAGE
 from modules.nets.policy import CSPPolicy
@@ -53,8 +54,9 @@ def _global_rank() -> int:
 def ensure_demos(
     task: Task, data: StateDataConfig, demos: DemoConfig, wait_s: float = 3600.0
 ) -> EpisodeStore:
-    """Open the episode store at ``data.path``, generating it with ``task``'s scripted expert on
-    ``demos.env`` if it is missing (refused if ``demos.env`` is not one of the task's environments).
+    """Open the episode store at ``data.path`` (checked: ``EpisodeStore.check``), generating it with
+    ``task``'s scripted expert on ``demos.env`` if it is missing (refused if ``demos.env`` is not one of the
+    task's environments).
 
     Only global rank zero generates; other ranks (e.g. started by SLURM) wait for the store to appear.
     """
@@ -63,7 +65,7 @@ def ensure_demos(
     while _global_rank() != 0 and not path.exists() and time.monotonic() < deadline:
         time.sleep(2.0)
     if path.exists():
-        return EpisodeStore.open(path)
+        return EpisodeStore.open(path).check()  # a damaged or non-finite store is refused before any work
     if not demos.generate:
         raise FileNotFoundError(
             f"data.path={str(path)!r} does not exist and demos.generate=false; generate it with "
@@ -155,9 +157,14 @@ class LastCheckpoint(Checkpoint):
         self.path, self.every = Path(path), every
         self.interrupted = False  # a Ctrl-C ended training (Lightning then exits with SystemExit(1))
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
         if trainer.global_step % self.every and trainer.global_step < trainer.max_steps:
             return
+        if not all(torch.isfinite(p).all() for p in module.parameters()):  # keep the last good one
+            raise DivergedError(
+                f"the weights are NaN or Inf after training step {trainer.global_step - 1}: stopped before "
+                f"saving it; {self.path} holds the last step saved before it (lower optim.lr)"
+            )
         self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
@@ -222,6 +229,7 @@ def fit_task(cfg: FitConfig) -> Task:
 def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
+    check_writable(cfg.output_dir, "output_dir")
     ckpt_path, resumed_run = _resume_checkpoint(cfg)  # a bad resume= is refused before any work
     task = fit_task(cfg)
     store = ensure_demos(task, cfg.data, cfg.demos)

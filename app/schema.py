@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.config import check_ranges
 from app.tasks.maze.config import DemoConfig, EvalConfig
 from app.tracking import TrackingConfig
 from datamodules.state import StateDataConfig
@@ -38,14 +39,9 @@ class TrainerConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
-        if self.val_check_interval < 1:
-            raise ValueError(f"trainer.val_check_interval must be >= 1, got {self.val_check_interval}")
-        if self.checkpoint_every_n_steps < 1:
-            raise ValueError(
-                f"trainer.checkpoint_every_n_steps must be >= 1, got {self.checkpoint_every_n_steps}"
-            )
+        check_ranges("trainer", self, max_steps=">= 1", val_check_interval=">= 1", num_nodes=">= 1")
+        check_ranges("trainer", self, limit_val_batches=">= 0", log_every_n_steps=">= 1")
+        check_ranges("trainer", self, checkpoint_every_n_steps=">= 1")
 
     def devices_arg(self) -> str | int | list[int]:
         """`devices` as Lightning wants it: 'auto', an int, or a list of indices."""

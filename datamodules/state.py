@@ -23,6 +23,7 @@ validation so no validation window shares an episode with a training one.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -217,6 +218,8 @@ def split_windows(
     windows (start, end of the goal range) inside episodes, the end moved to the segment's end for
     ``cfg.goal_sampling == "segment"``. ``cfg`` is a state or point-cloud data config.
 
+    Episodes shorter than ``chunk_len`` give no window; they are left out with one warning line on stderr.
+
     Raises:
         ValueError: segment goals without the segment key, or no window of ``chunk_len`` in any episode.
     """
@@ -238,6 +241,11 @@ def split_windows(
             f"{cfg.path}: no training window of {chunk_len} steps fits in any episode; "
             f"shorten policy.chunk_len or generate longer episodes"
         )
+    lengths = np.diff(ends, prepend=0)
+    if (short := np.unique(lengths[lengths < chunk_len])).size:  # at most chunk_len - 1 distinct lengths
+        print(f"[tmrl] warning: {cfg.path}: {np.sum(lengths < chunk_len)} of {len(ends)} episodes left out: "
+              f"their lengths {short.tolist()} are shorter than a window of policy.chunk_len={chunk_len} "
+              "actions", file=sys.stderr)  # fmt: skip
     return train_w, val_w, train_eps
 
 

@@ -25,6 +25,11 @@ from modules.nets.policy import CSPPolicy
 RNG_KEY = "rng"
 
 
+class DivergedError(ValueError):
+    """Training met a NaN or Inf loss (or weights): it stops there, before saving the step, so the
+    checkpoints on disk hold the steps before it."""
+
+
 @dataclass
 class OptimConfig:
     """AdamW, gradient clipping and EMA settings."""
@@ -41,6 +46,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -68,6 +75,11 @@ class CSPModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.policy.loss(batch, sigma=self._sigma(batch))
+        if not torch.isfinite(loss):  # raised before the optimizer step and the step's checkpoint
+            raise DivergedError(
+                f"train/loss is {loss.item()} at training step {self.global_step}: stopped; "
+                "checkpoints/last.ckpt holds the last step saved before it (lower optim.lr or check the data)"
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["action"]))
         self._batch = batch
         return loss

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from datamodules.episodes import EpisodeStore, write_episodes
+from datamodules.episodes import CorruptStoreError, EpisodeStore, StoreRows, write_episodes
 from datamodules.ogbench_npz import import_ogbench_npz, read_ogbench_npz
 
 
@@ -283,3 +283,27 @@ def test_large_steps_get_small_chunks_of_whole_divisors(tmp_path):
     assert store.array("observation").chunks[0] == 64
     np.testing.assert_array_equal(store.load("frame"), np.concatenate([e["frame"] for e in episodes]))
     assert store.verify()
+
+
+def test_load_refuses_nan_or_inf_even_where_check_does_not_read(tmp_path: Path) -> None:
+    episodes = [{"observation": np.zeros((n, 2), np.float32), "step": np.arange(n)} for n in (5, 4, 6)]
+    episodes[2]["observation"][3, 1] = np.inf
+    store = write_episodes(tmp_path / "d.zarr", episodes)
+    assert store.load("step").dtype.kind == "i"  # integer arrays cannot hold NaN: not checked
+    assert store.check(max_bytes=0) is store  # too large to read at open: left to the reads
+    message = r"'observation' holds NaN or Inf, first in episode 2 \(row 12\)"
+    with pytest.raises(CorruptStoreError, match=message):
+        store.load("observation")
+    with pytest.raises(CorruptStoreError, match="first in episode 2"):
+        store.check()
+
+
+def test_a_damaged_chunk_is_named_by_every_read(tmp_path: Path) -> None:
+    store = write_episodes(tmp_path / "d.zarr", [{"observation": np.ones((8, 2), np.float32)}])
+    (tmp_path / "d.zarr" / "data" / "observation" / "c" / "0" / "0").write_bytes(b"garbage")
+    for read in (lambda: store.load("observation"), lambda: store.episode(0), store.verify):
+        with pytest.raises(CorruptStoreError, match=f"store {tmp_path / 'd.zarr'}: cannot read its array"):
+            read()
+    rows = StoreRows(str(store.path), "observation")
+    with pytest.raises(CorruptStoreError, match="'observation'"):
+        rows.read(np.array([0, 1]))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.episodes import write_episodes
 from datamodules.state import (
     StateDataConfig,
     StateDataModule,
@@ -157,3 +158,16 @@ def test_bad_config_values_are_refused():
         StateDataConfig(path="x", goal_sampling="random")
     with pytest.raises(ValueError, match="val_fraction"):
         StateDataConfig(path="x", val_fraction=1.5)
+
+
+def test_episodes_shorter_than_a_window_are_left_out_with_one_warning(tmp_path, capsys):
+    store = write_episodes(tmp_path / "s.zarr", make_episodes([40, 3, 25, 2, 3]), {"goal_indices": [0, 1]})
+    dm = make_dm(store, chunk_len=4, val_fraction=0.0)
+    assert len(dm.train_set) == (40 - 3) + (25 - 3)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"[tmrl] warning: {store.path}: 3 of 5 episodes left out: their lengths [2, 3] are shorter than a "
+        "window of policy.chunk_len=4 actions"
+    )
+    make_dm(store, chunk_len=2, val_fraction=0.0)
+    assert capsys.readouterr().err == ""  # every episode holds a window of 2
