@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.exceptions import MlflowException
 
 from app import tracking
@@ -168,8 +169,9 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        """Ctrl-C: save where training stopped, so ``resume=<run id>`` continues from there."""
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+        """Ctrl-C or SIGTERM (pre-emption; Lightning raises SIGTERMException at the end of the batch it came
+        in): save where training stopped, so ``resume=<run id>`` continues from there."""
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.global_step > 0:
             self.interrupted = True
             progress = trainer.fit_loop.epoch_loop.batch_progress
             for count in (progress.total, progress.current):  # the batch it stopped in is redone on resume:
@@ -275,10 +277,12 @@ def fit(cfg: FitConfig) -> str:
             warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if trainer.is_global_zero:
+            if published:  # Lightning's logger marked the run FINISHED when training ended: not yet
+                client.update_run(run_id, status="RUNNING")
             _finish(cfg, task, client, run_id, module, [last.path, best.best_model_path], store, run_dir)
     except BaseException as err:
         error = err
-        if isinstance(err, SystemExit) and last is not None and last.interrupted:  # Lightning's Ctrl-C exit
+        if isinstance(err, SystemExit) and last is not None and last.interrupted:  # Ctrl-C or SIGTERM
             error = KeyboardInterrupt()
             print(f"[tmrl] interrupted: {last.path} holds the last step; continue with "
                   f"`tmrl fit --config <the same config> resume={run_id}`", file=sys.stderr)  # fmt: skip

@@ -176,3 +176,40 @@ def test_an_error_in_training_marks_the_run_failed_with_the_error(tmp_path, mlfl
     assert run.info.status == "FAILED"
     assert run.data.tags["tmrl.error"] == "RuntimeError: the loss went to the moon"
     assert "error.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_the_run_stays_running_until_its_evaluation_ends(tmp_path, mlflow_uri, capsys, monkeypatch):
+    import app.pretrain
+
+    finish, seen = app.pretrain._finish, []
+
+    def recording_finish(cfg, task, client, run_id, *args):
+        seen.append(client.get_run(run_id).info.status)  # training is over, the evaluation to come
+        return finish(cfg, task, client, run_id, *args)
+
+    monkeypatch.setattr(app.pretrain, "_finish", recording_finish)
+    run_id = fit(tmp_path, capsys, "trainer.max_steps=2")
+    assert seen == ["RUNNING"] and MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_sigterm_saves_and_marks_the_run_killed_then_it_resumes(tmp_path, mlflow_uri, capsys):
+    """Pre-emption (SLURM, Kubernetes) sends SIGTERM: the fit saves where it stopped and ends KILLED."""
+    args = ["trainer.max_steps=300", "trainer.checkpoint_every_n_steps=1000"]
+    args += ["trainer.val_check_interval=1000"]
+    cmd = [sys.executable, "-m", "app.cli", "fit", "--config", TINY, *tiny_overrides(tmp_path), *QUICK, *args]
+    client = MlflowClient(mlflow_uri)
+    client.search_experiments()  # the store exists before the subprocess opens it
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (runs := [r for r in client.search_runs(["0", "1"]) if "train/loss" in r.data.metrics]):
+        assert proc.poll() is None and time.monotonic() < deadline, "the fit ended before it trained"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    run_id = runs[0].info.run_id
+    assert proc.returncode == 130 and f"resume={run_id}" in err, err
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert (tmp_path / "runs" / run_id / "checkpoints" / "last.ckpt").is_file()  # saved at the signal
+    assert fit(tmp_path, capsys, *args, f"resume={run_id}") == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(single(history(mlflow_uri, run_id))) == list(range(300))  # every step once
