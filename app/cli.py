@@ -13,14 +13,16 @@
     tmrl bench finetune --config configs/tmrl_cube.yaml --policy-config configs/csp_pointcloud.yaml
     tmrl ui --port 5000
 
-Errors in what the user gave (config keys and values, paths, run ids) are printed as one clear message
-and exit with status 2; set TMRL_DEBUG=1 for the traceback.
+Errors in what the user gave (config keys and values, paths, run ids, an unreachable tracking server) are
+printed as one clear message and exit with status 2; a run that fails for another reason it can name (a
+collector worker died) exits with status 1; set TMRL_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -77,7 +79,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             raise ValueError(f"--zero-shot {args.zero_shot!r}: expected comma-separated sigmas in [0, 1]")
         zero_shot_on_target(cfg, args.from_run, sigmas)
         return
-    run_id = finetune(cfg, args.from_run)
+    from app.finetune_state import request_stop
+
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:  # pre-emption (SIGTERM) and Ctrl-C stop at the end of a batch: saved, the run KILLED
+        run_id = finetune(cfg, args.from_run)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     print(f"[tmrl] nested under pre-training run {args.from_run}; compare runs with `tmrl ui`")
     print(f"run_id={run_id}")
 
@@ -264,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tmrl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # a RunFailed is not the user's input: status 1, but one clear message
+        from app.tracking import RunFailed
+
+        if os.environ.get("TMRL_DEBUG") or not isinstance(err, RunFailed):
+            raise
+        print(f"tmrl {args.command}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import queue
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.collectors import Collector, MultiAsyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
+from torchrl.weight_update import SharedMemWeightSyncScheme
 from tqdm import tqdm
 
 from app import tracking
 from app.base_run import load_base_policy, open_demos
-from app.config import flatten, to_yaml
+from app.config import check_writable, flatten, to_yaml
 from app.envs.torchrl_envs import ChunkEnv, make_chunk_env, make_zero_shot_env
 from app.finetune_config import CollectConfig, FinetuneConfig
 from app.finetune_eval import (
@@ -39,7 +41,7 @@ from app.finetune_eval import (
     plot_sigma_over_finetuning,
     plot_sigma_traces,
 )
-from app.finetune_state import LoopState, read_agent, restore, resume_seed, save_checkpoint
+from app.finetune_state import LoopState, check_stop, read_agent, restore, resume_seed, save_checkpoint
 from app.offline_data import read_demo_arrays
 from datamodules.episodes import EpisodeStore
 from modules.nets.keys import ACTION, DONE, ENV_STEPS, NEXT, SUCCESS
@@ -54,6 +56,37 @@ PROGRESS_KEYS = ("eval/success_rate", "eval/base_success_rate", "train/episode_s
 def state_keys(env: ChunkEnv) -> list[str]:
     """What the agent sees: the keys of ``STATE_KEYS`` the env gives, in the loss's ``state_of`` order."""
     return [k for k in STATE_KEYS if k in env.observation_spec.keys()]
+
+
+class WatchedWeightSync(SharedMemWeightSyncScheme):
+    """TorchRL's shared-memory weight sync, whose wait for a worker's acknowledgement ends when that worker
+    dies (TorchRL's own waits forever, so ``update_policy_weights_`` would hang on a dead worker)."""
+
+    procs: list = []  # the collector's worker processes, set once they run (a Process does not pickle)
+
+    def _wait_for_ack(self, worker_ids: int | list[int] | None = None, timeout: float | None = None) -> None:
+        ids = [worker_ids] if isinstance(worker_ids, int) else worker_ids or list(self._ack_queues)
+        for i in ids:
+            while True:
+                try:
+                    self._ack_queues[i].get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if self.procs[i].exitcode is not None:
+                        raise RuntimeError(f"collector worker {i} died while receiving weights") from None
+
+
+def dead_workers(collector: Collector | MultiAsyncCollector) -> list[str]:
+    """'collector worker i (pid N) died (exit code C)' for each worker process that ended."""
+    out = []
+    for i, proc in enumerate(getattr(collector, "procs", [])):
+        try:
+            code = proc.exitcode
+        except ValueError:  # closed: TorchRL terminated it after another one died
+            continue
+        if code is not None:
+            out.append(f"collector worker {i} (pid {proc.pid}) died (exit code {code})")
+    return out
 
 
 def make_collector(
@@ -77,8 +110,14 @@ def make_collector(
     if env_fn is None:
         raise ValueError(f"collect.workers={cfg.workers} needs env_fn, a picklable env factory")
     envs = [functools.partial(env_fn, i) for i in range(cfg.workers)]
+    sync = WatchedWeightSync()
     # the learner keeps its thread count (cfg.threads); each worker runs one thread (num_sub_threads=1)
-    return MultiAsyncCollector(envs, policy, num_threads=torch.get_num_threads(), num_sub_threads=1, **kw)
+    collector = MultiAsyncCollector(
+        envs, policy, num_threads=torch.get_num_threads(), num_sub_threads=1,
+        weight_sync_schemes={"policy": sync}, **kw,
+    )  # fmt: skip
+    sync.procs = collector.procs
+    return collector
 
 
 def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> ReplayBuffer:
@@ -220,6 +259,11 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, state: LoopState
                 out = update(p.loss, p.optimizers, batch)  # includes the Polyak target step
                 counters["updates"] += 1
                 state.owed -= 1
+            if bad := {k: float(v) for k, v in out.items() if not math.isfinite(float(v))}:
+                raise ValueError(  # NaN spreads to every later update, so the batch's last one tells
+                    f"fine-tuning diverged at update {counters['updates']} ({counters['env_steps']} env "
+                    f"steps): {bad}; checkpoints/agent_last.pt holds the last save before it"
+                )
             metrics.update({f"train/{k}": float(v) for k, v in out.items()})  # the batch's last update
             p.collector.update_policy_weights_()
         last = counters["env_steps"] >= cfg.env_steps  # the final evaluation below covers this step
@@ -235,6 +279,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, state: LoopState
             next_ckpt += cfg.checkpoint_every_env_steps
         if last:
             break
+        check_stop()  # SIGTERM or Ctrl-C, between batches: the caller saves and marks the run KILLED
     bar.close()
     if cfg.eval.every_env_steps > 0:
         traces: list = []
@@ -293,6 +338,7 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     The run ends FINISHED, FAILED (with the error: ``tracking.end_run``) or, on Ctrl-C, KILLED after
     saving a checkpoint that ``resume=<run_id>`` continues from (see ``app.finetune_state``).
     """
+    check_writable(cfg.output_dir, "output_dir")  # before any run is created
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
@@ -312,6 +358,7 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
             parent_run_id=from_run,
         )
     run_dir = Path(cfg.output_dir) / run_id
+    log = tracking.RunLog(client, run_id, run_dir)
     owned = not cfg.resume  # a refused resume leaves the run's status as it was
     try:
         path, ckpt = find_checkpoint(client, cfg, run_dir) if cfg.resume else (None, None)
@@ -327,34 +374,48 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
             client.update_run(run_id, status="RUNNING")
             owned = True
 
-        def checkpoint(name: str, state: LoopState) -> None:
+        def checkpoint(name: str, state: LoopState) -> Path:
             path = run_dir / "checkpoints" / name
+            if not all(torch.isfinite(t).all() for t in p.loss.parameters()):
+                raise ValueError(
+                    f"fine-tuning diverged: the agent's weights are NaN or Inf at "
+                    f"{state.counters['env_steps']} env steps; {path} is not overwritten"
+                )
             save_checkpoint(path, run_dir / "replay", p.loss, p.optimizers, p.buffer, state)
-            client.log_artifact(run_id, str(path), "checkpoints")  # the replay dump stays local
+            log.log_artifact(path, "checkpoints")  # the replay dump stays local
+            return path
 
-        def plot(name: str, draw: Callable[[Path], Path]) -> None:
-            with tempfile.TemporaryDirectory() as tmp:
-                client.log_artifact(run_id, str(draw(Path(tmp) / name)), "plots")
+        def plot(name: str, draw: Callable[[Path], Path]) -> None:  # kept locally until it is delivered
+            (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+            log.log_artifact(draw(run_dir / "plots" / name), "plots")
 
-        hooks = RunHooks(
-            log=lambda metrics, step: tracking.log_metrics(client, run_id, metrics, step),
-            checkpoint=checkpoint,
-            plot=plot,
-        )
+        hooks = RunHooks(log=log.log_metrics, checkpoint=checkpoint, plot=plot)
+        again = f"`tmrl finetune --from-run {from_run} resume={run_id}` (same --config and overrides)"
         try:
             run_loop(cfg, p, hooks, state)
         except KeyboardInterrupt:
             checkpoint("agent_last.pt", state)
             steps = state.counters["env_steps"]
-            print(f"[tmrl] interrupted at {steps} env steps, checkpoint saved; continue with "
-                  f"`tmrl finetune --from-run {from_run} resume={run_id}` (same --config and overrides)",
-                  flush=True)  # fmt: skip
+            print(
+                f"[tmrl] interrupted at {steps} env steps, checkpoint saved; continue with {again}",
+                flush=True,
+            )
             raise
+        except RuntimeError as err:
+            dead = dead_workers(p.collector)
+            if not dead:
+                raise
+            path = checkpoint("agent_last.pt", state)  # the learner's state is whole: keep it
+            raise tracking.RunFailed(
+                f"{'; '.join(dead)}: {err}; the run's last checkpoint is {path}; continue with {again}"
+            ) from err
         finally:
             p.collector.shutdown()
     except BaseException as err:
         if owned:
+            log.close()
             tracking.end_run(client, run_id, ok=False, error=err)
         raise
-    tracking.end_run(client, run_id, ok=True)
+    if log.close():  # a run whose results did not all reach the store is not marked FINISHED there
+        tracking.end_run(client, run_id, ok=True)
     return run_id

@@ -19,6 +19,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,27 @@ class LoopState:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     owed: float = 0.0  # updates a fractional UTD ratio owes, carried to the next batch
     sigma_history: list[tuple[int, list[float]]] = field(default_factory=list)  # (env step, quantiles)
+
+
+STOP = threading.Event()  # set by ``request_stop``: the loop stops at the end of the batch in progress
+
+
+def request_stop(signum: int, frame) -> None:
+    """The fine-tuning CLI's SIGTERM and SIGINT handler: ask the loop to stop at the end of its batch (it
+    then saves and the run ends KILLED); a second Ctrl-C stops at once. A KeyboardInterrupt raised in the
+    middle of an update could leave the target critic's weights swapped into the critic."""
+    if STOP.is_set() and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    STOP.set()
+    name = signal.Signals(signum).name
+    print(f"[tmrl] {name}: stopping at the end of this batch (Ctrl-C again: at once)", file=sys.stderr)
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop was requested (called by the loop between batches)."""
+    if STOP.is_set():
+        STOP.clear()
+        raise KeyboardInterrupt("stop requested")
 
 
 def resume_seed(seed: int, env_steps: int) -> int:

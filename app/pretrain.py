@@ -232,6 +232,7 @@ def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
     check_writable(cfg.output_dir, "output_dir")
+    tracking.check_reachable(tracking.resolve_uri(cfg.tracking))  # a dead server is refused before any work
     ckpt_path, resumed_run = _resume_checkpoint(cfg)  # a bad resume= is refused before any work
     task = fit_task(cfg)
     store = ensure_demos(task, cfg.data, cfg.demos)
@@ -244,7 +245,8 @@ def fit(cfg: FitConfig) -> str:
         check_resumable(ckpt_path, policy)
     module = CSPModule(policy, cfg.optim)
 
-    client = tracking.client_for(cfg.tracking)
+    client = tracking.client_for(cfg.tracking)  # (a sqlite store is created here, after the checks)
+
     run_id = os.environ.get(RUN_ID_ENV) or resumed_run
     if run_id is None and _global_rank() != 0:
         # a rank started by an external launcher (SLURM): only rank zero logs, into the run it creates
@@ -264,21 +266,21 @@ def fit(cfg: FitConfig) -> str:
     if published:
         os.environ[RUN_ID_ENV] = run_id  # processes launched by a DDP strategy inherit it
     error: BaseException | None = None
-    last = None
+    last = run_log = None
     try:
         uri = tracking.resolve_uri(cfg.tracking)
-        logger = (
-            False if placeholder else MLFlowLogger(cfg.tracking.experiment, tracking_uri=uri, run_id=run_id)
-        )
         run_dir = Path(cfg.output_dir) / run_id
+        logger = False
+        if not placeholder:
+            logger = MLFlowLogger(cfg.tracking.experiment, tracking_uri=uri, run_id=run_id)
+            run_log = tracking.RunLog(client, run_id, run_dir)
+            logger._mlflow_client = tracking.LoggerClient(client, run_log)  # metrics wait for a lost store
         has_val = dm.val_set is not None and len(dm.val_set) > 0
         trainer, best, last = _build_trainer(cfg, logger, run_dir, has_val)
         with warnings.catch_warnings():  # it is: the data module resumes mid-epoch (its WindowSampler)
             warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch")
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         if trainer.is_global_zero:
-            if published:  # Lightning's logger marked the run FINISHED when training ended: not yet
-                client.update_run(run_id, status="RUNNING")
             _finish(cfg, task, client, run_id, module, [last.path, best.best_model_path], store, run_dir)
     except BaseException as err:
         error = err
@@ -289,9 +291,11 @@ def fit(cfg: FitConfig) -> str:
             raise error from None
         raise
     finally:
+        delivered = run_log is None or run_log.close()  # never raises; says where undelivered metrics are
         if published:
             os.environ.pop(RUN_ID_ENV, None)
-            tracking.end_run(client, run_id, ok=error is None, error=error)
+            if delivered or error is not None:  # a fit whose metrics did not all arrive is not FINISHED
+                tracking.end_run(client, run_id, ok=error is None, error=error)
     return run_id
 
 

@@ -8,11 +8,14 @@ under their pre-training run with ``mlflow.parentRunId``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,11 @@ STAGE_TAG = "tmrl.stage"
 PRETRAIN_TAG = "tmrl.pretrain_run_id"
 ERROR_TAG = "tmrl.error"  # "<exception type>: <message>" of a FAILED run, cut to ERROR_CHARS
 ERROR_CHARS = 500
+REQUEST_TIMEOUT_S = 5  # per request to a tracking server, during a run: a dead server costs seconds
+
+
+class RunFailed(RuntimeError):
+    """A run that failed for a reason outside the user's input (a collector worker died); exit status 1."""
 
 
 @dataclass
@@ -50,8 +58,62 @@ def _artifact_uri(location: str) -> str:
     return Path(location).expanduser().resolve().as_uri()
 
 
+def check_reachable(uri: str) -> None:
+    """Refuse, within ``REQUEST_TIMEOUT_S``, an http(s) tracking server that does not answer (MLflow's own
+    client would retry for minutes); any HTTP answer counts as reachable. Other URIs are not checked."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=REQUEST_TIMEOUT_S)
+    except requests.RequestException as err:
+        cause = getattr(err.args[0], "reason", err) if err.args else err  # urllib3's, under requests'
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ValueError(
+            f"tracking server {uri} is not reachable ({type(cause).__name__}: {cause}); start it with "
+            "`tmrl ui` or `mlflow server ...`, or set tracking.uri / MLFLOW_TRACKING_URI"
+        ) from err
+
+
 def client_for(cfg: TrackingConfig) -> MlflowClient:
-    return MlflowClient(tracking_uri=resolve_uri(cfg))
+    """A client of the tracking store in force, refused at once if it is a server that does not answer."""
+    uri = resolve_uri(cfg)
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def quick_requests(timeout_s: float = REQUEST_TIMEOUT_S) -> Iterator[None]:
+    """MLflow's HTTP requests in this block: no retries, ``timeout_s`` each (its defaults, 7 retries with
+    backoff and 120 s, would stall a run for minutes on a server that went away)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether ``err`` says the tracking store did not answer (connection refused or lost, timeout, HTTP 5xx),
+    which a later attempt may overcome, rather than that it refused the request."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    while err is not None:
+        if isinstance(err, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError):
+            return True
+        if (
+            isinstance(err, MlflowException)
+            and err.get_http_status_code() >= 500
+            and "API request" in str(err)
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def ensure_experiment(client: MlflowClient, cfg: TrackingConfig) -> str:
@@ -105,14 +167,111 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, object]) -> 
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log a dict of metrics at one step in a single request."""
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, timestamp: int | None = None
+) -> None:
+    """Log a dict of metrics at one step (at ``timestamp`` ms, default now) in a single request."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp is None else timestamp
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     for i in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+class RunLog:
+    """A run's metrics and artifacts on their way to the tracking store, kept while it cannot be reached.
+
+    Every call first delivers what is pending, in order. A store that does not answer (``unreachable``)
+    keeps the items for a later call, no sooner than ``retry_s`` later, at the cost of one short request
+    (``quick_requests``); any other error is raised. ``close`` makes a last attempt and writes the metrics
+    still undelivered to ``<local_dir>/undelivered_metrics.jsonl``.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, local_dir: Path, retry_s: float = 10.0):
+        self.client, self.run_id, self.local_dir, self.retry_s = client, run_id, Path(local_dir), retry_s
+        self.pending: list[tuple] = []  # ("metrics", {name: value}, step, ms) or ("artifact", path, dir)
+        self.error: BaseException | None = None  # why the last attempt failed
+        self._retry_at = 0.0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        self.pending.append(("metrics", values, step, int(time.time() * 1000)))
+        self.flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload the file ``path``, as it is when delivered (a checkpoint rewritten meanwhile goes once)."""
+        item = ("artifact", str(path), artifact_path)
+        if item not in self.pending:
+            self.pending.append(item)
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver what is pending (``force``: even soon after a failure); True if nothing is left."""
+        if not force and time.monotonic() < self._retry_at:
+            return not self.pending
+        with quick_requests():
+            while self.pending:
+                kind, *args = self.pending[0]
+                try:
+                    if kind == "metrics":
+                        log_metrics(self.client, self.run_id, *args)
+                    else:
+                        self.client.log_artifact(self.run_id, *args)
+                except Exception as err:
+                    if not unreachable(err):
+                        raise
+                    self.error, self._retry_at = err, time.monotonic() + self.retry_s
+                    return False
+                self.pending.pop(0)
+        return True
+
+    def close(self) -> bool:
+        """A last delivery; if items remain, dump the metrics to JSON lines and say where everything is.
+        Returns whether everything was delivered."""
+        try:
+            if self.flush(force=True):
+                return True
+        except Exception as err:  # never raises: it also runs while another error ends the run
+            self.error = err
+        metrics = [i for i in self.pending if i[0] == "metrics"]
+        files = [i[1] for i in self.pending if i[0] == "artifact"]
+        dump = self.local_dir / "undelivered_metrics.jsonl"
+        dump.parent.mkdir(parents=True, exist_ok=True)
+        with dump.open("w") as f:
+            for _, values, step, ms in metrics:
+                f.write(json.dumps({"step": step, "timestamp": ms, "metrics": values}) + "\n")
+        print(
+            f"[tmrl] warning: the tracking store did not answer ({type(self.error).__name__}: {self.error}); "
+            f"run {self.run_id} keeps {len(metrics)} undelivered metric batches in {dump} and "
+            f"{len(files)} undelivered artifacts on this disk: {', '.join(files) or '-'}",
+            file=sys.stderr,
+        )
+        return False
+
+
+class LoggerClient:
+    """The client Lightning's MLFlowLogger talks to in `tmrl fit`: its metrics go through ``log`` (a RunLog,
+    so they wait while the store is away), its ``set_terminated`` is left to ``end_run`` (which knows how
+    the fit ended: FINISHED only once the zero-shot evaluation is done); every other call passes through."""
+
+    def __init__(self, client: MlflowClient, log: RunLog):
+        self._client, self._log = client, log
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=(), **kw) -> None:
+        by_step: dict[int, dict[str, float]] = {}
+        for m in metrics:
+            by_step.setdefault(m.step, {})[m.key] = m.value
+        for step, values in by_step.items():
+            self._log.log_metrics(values, step)
+        if params or tags:
+            self._client.log_batch(run_id, params=params, tags=tags, **kw)
+
+    def set_terminated(self, *args, **kw) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
 
 
 def end_run(client: MlflowClient, run_id: str, ok: bool, error: BaseException | None = None) -> None:
@@ -124,10 +283,11 @@ def end_run(client: MlflowClient, run_id: str, ok: bool, error: BaseException | 
     if isinstance(error, KeyboardInterrupt):
         status, error = RunStatus.KILLED, None
     try:
-        if error is not None and not ok:
-            client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
-            client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
-        client.set_terminated(run_id, RunStatus.to_string(status))
+        with quick_requests():  # a server that went away costs seconds here, not minutes of retries
+            if error is not None and not ok:
+                client.set_tag(run_id, ERROR_TAG, f"{type(error).__name__}: {error}"[:ERROR_CHARS])
+                client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+            client.set_terminated(run_id, RunStatus.to_string(status))
     except Exception as err:  # the store's own failure must not replace the exception that ended the run
         print(
             f"[tmrl] warning: could not mark run {run_id} {RunStatus.to_string(status)} in the tracking "
@@ -145,6 +305,7 @@ def fetch_pretrain_run(uri: str, run_id: str, dst: str | Path) -> dict[str, Path
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
+    check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         run = client.get_run(run_id)

@@ -244,3 +244,83 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, 
     fresh = make_buffer(FinetuneConfig().collect, 4, tmp_path)
     load_replay(fresh, replay, ckpt["replay_size"])
     assert len(fresh) == 5
+
+
+def test_sigterm_saves_a_checkpoint_and_kills_the_run(store, tmp_path):
+    """Pre-emption sends SIGTERM: the CLI ends as on Ctrl-C, a resumable checkpoint saved, the run KILLED."""
+    uri, parent = store
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    over = ["checkpoint_every_env_steps=64", "env_steps=100000", "tracking.run_name=term"]
+    cmd = [sys.executable, "-m", "app.cli", *args_for(parent, tmp_path, *over)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/checkpoints/agent_last.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    run = run_named(uri, "term")
+    assert proc.returncode == 130 and f"resume={run.info.run_id}" in out, out[-2000:]
+    assert run.info.status == "KILLED"
+    assert (
+        read_agent(tmp_path / run.info.run_id / "checkpoints" / "agent_last.pt")["counters"]["env_steps"] > 0
+    )
+
+
+def test_a_nan_update_stops_the_run_and_keeps_the_last_checkpoint(store, tmp_path, monkeypatch, capsys):
+    import app.finetune
+
+    uri, parent = store
+    update, calls = app.finetune.update, []
+
+    def diverging(*a, **kw):
+        calls.append(1)
+        out = update(*a, **kw)
+        if len(calls) >= 30:
+            out["loss_qvalue"] = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(app.finetune, "update", diverging)
+    assert main(args_for(parent, tmp_path, "checkpoint_every_env_steps=32", "tracking.run_name=nan")) == 2
+    assert "fine-tuning diverged at update" in capsys.readouterr().err
+    run = run_named(uri, "nan")
+    assert run.info.status == "FAILED" and run.data.tags["tmrl.error"].startswith("ValueError: fine-tuning")
+    saved = read_agent(tmp_path / run.info.run_id / "checkpoints" / "agent_last.pt")
+    assert 0 < saved["counters"]["updates"] < 30  # the last save came before the NaN
+
+
+def test_an_unwritable_output_dir_is_refused_before_any_run(store, tmp_path, capsys):
+    uri, parent = store
+    (tmp_path / "afile").write_text("not a directory")
+    before = len(
+        MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    )
+    args = [
+        "finetune",
+        "--from-run",
+        parent,
+        "--config",
+        base.TINY_FT,
+        f"output_dir={tmp_path / 'afile' / 'runs'}",
+    ]
+    assert main(args) == 2
+    assert "output_dir=" in capsys.readouterr().err
+    after = len(
+        MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    )
+    assert after == before and (tmp_path / "afile").read_text() == "not a directory"
+
+
+def test_the_same_seed_gives_the_same_losses_and_another_seed_others(store, tmp_path, capsys):
+    uri, parent = store
+
+    def losses(name: str, *over: str) -> dict[int, float]:
+        assert main(args_for(parent, tmp_path / name, f"tracking.run_name={name}", *over)) == 0
+        history = MlflowClient(uri).get_metric_history(run_named(uri, name).info.run_id, "train/loss_qvalue")
+        return {m.step: m.value for m in history}
+
+    a, b, c = losses("det_a"), losses("det_b"), losses("det_c", "seed=1")
+    assert len(a) >= 5 and a == b  # bit for bit, step for step
+    assert a.keys() != c.keys() or any(a[s] != c[s] for s in a)
