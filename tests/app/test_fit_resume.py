@@ -97,7 +97,6 @@ def test_resume_refuses_unknown_runs_fine_tuning_runs_and_other_dimensions(tmp_p
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-@pytest.mark.slow
 def test_a_killed_fit_resumes_into_its_run_with_the_same_losses(tmp_path, mlflow_uri, capsys):
     args = ["trainer.max_steps=400", "trainer.checkpoint_every_n_steps=25", "trainer.val_check_interval=50"]
     cmd = [
