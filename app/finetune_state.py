@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torchrl.data import ReplayBuffer
 
+from modules.rng import rng_states, set_rng_states
 from modules.tmrl.loss import TMRLLoss
 
 AGENT_FORMAT = "tmrl-agent"
@@ -71,17 +72,6 @@ def resume_seed(seed: int, env_steps: int) -> int:
     return int(np.random.SeedSequence([seed, env_steps]).generate_state(1)[0])
 
 
-def _rng_state() -> dict:
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(key.astype(np.int64)),
-            "numpy": [int(pos), int(has_gauss), float(gauss)]}  # fmt: skip
-
-
-def _set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(("MT19937", rng["numpy_key"].numpy().astype(np.uint32), *rng["numpy"]))
-
-
 def save_checkpoint(
     path: Path, replay: Path, loss: TMRLLoss, optimizers: dict, buffer: ReplayBuffer, state: LoopState
 ) -> Path:
@@ -96,7 +86,7 @@ def save_checkpoint(
         "counters": dict(state.counters),
         "owed": state.owed,
         "sigma_history": list(state.sigma_history),
-        "rng": _rng_state(),
+        "rng": rng_states(),
         "replay_size": len(buffer),
     }
     tmp = path.with_name(f"{path.name}.tmp")
@@ -154,7 +144,7 @@ def restore(
     loss.load_state_dict(ckpt["loss"])
     for name, opt in optimizers.items():
         opt.load_state_dict(ckpt["optimizers"][name])
-    _set_rng_state(ckpt["rng"])
+    set_rng_states(ckpt["rng"])
     state = LoopState(dict(ckpt["counters"]), ckpt["owed"], [(s, list(q)) for s, q in ckpt["sigma_history"]])
     load_replay(buffer, replay, ckpt["replay_size"])
     print(f"[tmrl] resumed from {path} at {state.counters['env_steps']} env steps, replay buffer of "
