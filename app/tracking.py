@@ -42,7 +42,9 @@ class TrackingConfig:
 
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
     experiment: str = "tmrl"
-    artifact_location: str = "./mlartifacts"  # used only when the experiment is created
+    # where a NEW experiment keeps its artifacts; None: ./mlartifacts for a local store, and for a tracking
+    # server its own artifact store (`mlflow server --artifacts-destination`), which it proxies to clients
+    artifact_location: str | None = None
     run_name: str | None = None
 
 
@@ -51,7 +53,11 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def _artifact_uri(location: str) -> str:
+def _artifact_uri(location: str | None, tracking_uri: str) -> str | None:
+    if location is None:
+        if tracking_uri.startswith(("http://", "https://", "databricks")):
+            return None  # the server's default: artifacts go through it to its artifact store
+        location = "./mlartifacts"
     # a relative local path would be resolved against whatever directory the UI later runs in
     if "://" in location:
         return location
@@ -121,7 +127,8 @@ def ensure_experiment(client: MlflowClient, cfg: TrackingConfig) -> str:
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(cfg.experiment, artifact_location=_artifact_uri(cfg.artifact_location))
+    location = _artifact_uri(cfg.artifact_location, resolve_uri(cfg))
+    return client.create_experiment(cfg.experiment, artifact_location=location)
 
 
 def git_commit() -> str | None:
