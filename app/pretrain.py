@@ -13,7 +13,9 @@ start again where training stopped (datamodules/state.py).
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,12 +30,12 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from mlflow.exceptions import MlflowException
 
 from app import tracking
 from app.config import check_writable, flatten, to_yaml
-from app.schema import DemoConfig, FitConfig
+from app.schema import DemoConfig, FitConfig, TrainerConfig
 from app.tasks.base import Task
 from app.tasks.registry import task_of_fit
 from datamodules.episodes import EpisodeStore
@@ -158,6 +160,11 @@ class LastCheckpoint(Checkpoint):
         self.path, self.every = Path(path), every
         self.interrupted = False  # a Ctrl-C ended training (Lightning then exits with SystemExit(1))
 
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        # rank zero's path on every rank: a rank started by an external launcher (torchrun, SLURM) does not
+        # know the run id, and a sharded save (DeepSpeed, FSDP) writes from every rank into one folder
+        self.path = Path(trainer.strategy.broadcast(str(self.path)))
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args) -> None:
         if trainer.global_step % self.every and trainer.global_step < trainer.max_steps:
             return
@@ -180,9 +187,41 @@ class LastCheckpoint(Checkpoint):
 
     def _save(self, trainer: L.Trainer) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
+        trainer.save_checkpoint(partial)  # collective: every rank has written its part when it returns
+        if not trainer.is_global_zero:
+            return
+        if partial.is_dir():  # a sharded checkpoint is a folder, which cannot be renamed onto another
+            old = self.path.with_name(self.path.name + ".old")
+            if self.path.exists():
+                os.replace(self.path, old)
             os.replace(partial, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, self.path)
+
+
+def check_strategy(t: TrainerConfig) -> None:
+    """Refuse, before any run is created, trainer settings Lightning cannot run here (FSDP on a CPU, a
+    DeepSpeed strategy without DeepSpeed installed, an unknown strategy or precision, missing devices):
+    building a Trainer resolves them, and nothing is launched until ``fit``."""
+    quiet = logging.getLogger("lightning.pytorch")  # its "GPU available" lines come with the real Trainer
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            L.Trainer(
+                accelerator=t.accelerator, devices=t.devices_arg(), num_nodes=t.num_nodes,
+                strategy=t.strategy, precision=t.precision, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False,
+            )  # fmt: skip
+    except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:
+        raise ValueError(
+            f"trainer.strategy={t.strategy!r} trainer.accelerator={t.accelerator!r} "
+            f"trainer.devices={t.devices!r} trainer.num_nodes={t.num_nodes} "
+            f"trainer.precision={t.precision!r}: {err}"
+        ) from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val: bool) -> tuple:
@@ -232,6 +271,7 @@ def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
     check_writable(cfg.output_dir, "output_dir")
+    check_strategy(cfg.trainer)
     tracking.check_reachable(tracking.resolve_uri(cfg.tracking))  # a dead server is refused before any work
     ckpt_path, resumed_run = _resume_checkpoint(cfg)  # a bad resume= is refused before any work
     task = fit_task(cfg)
@@ -243,7 +283,7 @@ def fit(cfg: FitConfig) -> str:
     policy.set_normalization(dm.stats)
     if ckpt_path is not None:
         check_resumable(ckpt_path, policy)
-    module = CSPModule(policy, cfg.optim)
+    module = CSPModule(policy, cfg.optim, seed=cfg.seed)
 
     client = tracking.client_for(cfg.tracking)  # (a sqlite store is created here, after the checks)
 

@@ -15,6 +15,10 @@ fit's seed and the epoch. A fit therefore sees the same items whatever its numbe
 and a resumed fit sees exactly the items the uninterrupted one would have: the sampler starts part-way
 through the epoch, where the restored loop counters say training stopped.
 
+Several processes (a DDP strategy): ``data.batch_size`` is the global batch. Rank r of N reads every N-th
+key of the same permutation, batch_size / N per step, so the N processes' step-k batches together are
+exactly the single-process step-k batch: the same windows per epoch, none twice, whatever N.
+
 Normalization statistics are computed once, from the training episodes, and handed to the policy, which
 keeps them as buffers (they travel with its checkpoint). Episodes, not windows, are split into train and
 validation so no validation window shares an episode with a training one.
@@ -46,6 +50,9 @@ class StateDataConfig:
 
     path: str = REQUIRED  # episode store (see datamodules/episodes.py), e.g. data/pointmaze-large.zarr
     val_fraction: float = 0.05  # fraction of EPISODES held out for val/loss
+    # the GLOBAL batch: under a multi-process strategy each of the N processes takes batch_size / N of it,
+    # so a fit on N processes trains on the same batches, step for step, as on one (raise it to fill more
+    # or bigger devices)
     batch_size: int = 256
     num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     # "future": uniform over the rest of the episode; "geometric": near states first; "segment": uniform
@@ -273,14 +280,30 @@ class WindowDataModule(L.LightningDataModule):
     def action_dim(self) -> int:
         return int(self.train_set.actions.shape[1])
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    @property
+    def world(self) -> tuple[int, int]:
+        """(global rank, number of processes) of the trainer this data module serves; (0, 1) without one."""
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @property
+    def rank_batch_size(self) -> int:
+        """This process's share of the global ``data.batch_size``."""
+        world = self.world[1]
+        if self.cfg.batch_size % world:
+            raise ValueError(
+                f"data.batch_size={self.cfg.batch_size} is the global batch and must split evenly over the "
+                f"{world} training processes (devices x num_nodes); use a multiple of {world}"
+            )
+        return self.cfg.batch_size // world
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        rank, world = self.world
         sampler = WindowSampler(len(dataset), self.seed, shuffle, rank, world)
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
+            batch_size=self.rank_batch_size,
             sampler=sampler,
             drop_last=shuffle,
             num_workers=workers,
@@ -297,7 +320,7 @@ class WindowDataModule(L.LightningDataModule):
         if self.trainer is not None:
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
             # a checkpoint of the epoch's last batch: Lightning goes on with the next epoch, from its start
-            loader.sampler.skip = done * self.cfg.batch_size if done < len(loader) else 0
+            loader.sampler.skip = done * self.rank_batch_size if done < len(loader) else 0
         return loader
 
     def val_dataloader(self) -> DataLoader:

@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass, field
 
 import lightning as L
+import numpy as np
 import torch
 
 from modules.nets.checkpoint import LIGHTNING_KEY, READABLE_VERSIONS, upgrade_v1_state_dict
@@ -60,10 +61,11 @@ class OptimConfig:
 class CSPModule(L.LightningModule):
     """Pre-trains ``policy`` on demonstration windows; ``ema`` is the copy used for evaluation."""
 
-    def __init__(self, policy: CSPPolicy, optim: OptimConfig) -> None:
+    def __init__(self, policy: CSPPolicy, optim: OptimConfig, seed: int = 0) -> None:
         super().__init__()
         self.policy = policy
         self.optim = optim
+        self.seed = seed
         self.ema = copy.deepcopy(policy).requires_grad_(False)
         self._batch: dict[str, torch.Tensor] | None = None  # the training step's, for update_ema
 
@@ -72,14 +74,25 @@ class CSPModule(L.LightningModule):
         actions = batch["action"]
         return self.optim.sigma_max * torch.rand(actions.shape[0], device=actions.device)
 
+    def _seed_step(self) -> None:
+        """Several processes: the step's noise (sigma, flow time, action noise) from (seed, step, rank), so
+        the ranks draw independent noise for their shares of the batch (one seed would give every rank the
+        same draws), and a resumed fit draws what the uninterrupted one would have on every rank."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return  # one process: the global RNG, whose state a checkpoint saves and restores
+        key = np.random.SeedSequence([self.seed, self.global_step, self.global_rank])
+        torch.manual_seed(int(key.generate_state(1, np.uint64)[0]))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._seed_step()
         loss = self.policy.loss(batch, sigma=self._sigma(batch))
         if not torch.isfinite(loss):  # raised before the optimizer step and the step's checkpoint
             raise DivergedError(
                 f"train/loss is {loss.item()} at training step {self.global_step}: stopped; "
                 "checkpoints/last.ckpt holds the last step saved before it (lower optim.lr or check the data)"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["action"]))
+        # the mean over all ranks' shares of the batch (one process: the batch's mean)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["action"]))
         self._batch = batch
         return loss
 

@@ -192,3 +192,25 @@ def test_an_unreadable_lightning_checkpoint_is_refused(tmp_path):
         module.on_load_checkpoint(ckpt)
     with pytest.raises(ValueError, match="has no 'tmrl_policy' entry"):
         module.on_load_checkpoint({"state_dict": {}})
+
+
+def test_ranks_draw_independent_step_noise_that_a_resume_draws_again(synthetic_store, monkeypatch):
+    """Under several processes one seed would give every rank the same sigma, flow time and action noise
+    for its share of the batch: the step's draws come from (seed, step, rank) instead."""
+    module, _ = tiny_module(synthetic_store)
+
+    def draws(rank: int, step: int, world: int = 2) -> torch.Tensor:
+        trainer = type("T", (), {"world_size": world, "global_rank": rank})()
+        monkeypatch.setattr(module, "_trainer", trainer)
+        monkeypatch.setattr(CSPModule, "global_rank", property(lambda self: rank))
+        monkeypatch.setattr(CSPModule, "global_step", property(lambda self: step))
+        module._seed_step()
+        return torch.rand(4)
+
+    assert not torch.equal(draws(0, 5), draws(1, 5))  # ranks differ at the same step
+    assert not torch.equal(draws(0, 5), draws(0, 6))  # steps differ on one rank
+    assert torch.equal(draws(1, 5), draws(1, 5))  # a resumed step draws what it drew before
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(draws(0, 5, world=1), expected)  # one process: the global RNG, untouched
