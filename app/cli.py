@@ -54,10 +54,14 @@ def cmd_fit(args: argparse.Namespace) -> None:
     if cfg is None:
         return
     from app import tracking
-    from app.pretrain import fit
+    from app.pretrain import fit, global_rank
 
     run_id = fit(cfg)
-    print(f"[tmrl] tracking store: {tracking.resolve_uri(cfg.tracking)}; open the UI with `tmrl ui`")
+    if global_rank() != 0:  # the other processes of a multi-process fit: rank zero reports
+        return
+    uri = tracking.resolve_uri(cfg.tracking)
+    where = "it serves the UI" if uri.startswith(("http://", "https://")) else "open the UI with `tmrl ui`"
+    print(f"[tmrl] tracking store: {uri}; {where}")
     print(f"run_id={run_id}")
 
 

@@ -49,7 +49,7 @@ RUN_ID_ENV = "TMRL_RUN_ID"
 LAST_CKPT = "last.ckpt"  # under <output_dir>/<run id>/checkpoints and the run's "checkpoints" artifacts
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     # Lightning reads RANK / LOCAL_RANK / SLURM_PROCID at import: what a launcher told this process
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
@@ -65,7 +65,7 @@ def ensure_demos(
     """
     path = Path(data.path)
     deadline = time.monotonic() + wait_s
-    while _global_rank() != 0 and not path.exists() and time.monotonic() < deadline:
+    while global_rank() != 0 and not path.exists() and time.monotonic() < deadline:
         time.sleep(2.0)
     if path.exists():
         return EpisodeStore.open(path).check()  # a damaged or non-finite store is refused before any work
@@ -249,7 +249,7 @@ def _build_trainer(cfg: FitConfig, logger: MLFlowLogger, run_dir: Path, has_val:
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         logger=logger,
-        callbacks=[best, last, LearningRateMonitor()],
+        callbacks=[best, last, *([LearningRateMonitor()] if logger else [])],  # (it needs a logger)
         default_root_dir=run_dir,
         enable_model_summary=True,
         use_distributed_sampler=False,  # the data module's WindowSampler splits the data between ranks
@@ -285,23 +285,26 @@ def fit(cfg: FitConfig) -> str:
         check_resumable(ckpt_path, policy)
     module = CSPModule(policy, cfg.optim, seed=cfg.seed)
 
-    client = tracking.client_for(cfg.tracking)  # (a sqlite store is created here, after the checks)
-
     run_id = os.environ.get(RUN_ID_ENV) or resumed_run
-    if run_id is None and _global_rank() != 0:
-        # a rank started by an external launcher (SLURM): only rank zero logs, into the run it creates
-        run_id = f"rank{_global_rank()}"
-    elif run_id is None:  # rank zero of a new fit
-        _, run_id = tracking.start_run(
-            cfg.tracking, stage="pretrain", tags={tracking.DATASET_TAG: store.fingerprint}
-        )
-        tracking.log_params(client, run_id, {**flatten(cfg), "data.fingerprint": store.fingerprint})
-        client.log_text(run_id, to_yaml(cfg), "config.yaml")
-        if IMAGE in policy.input_keys:
-            log_input_frames(client, run_id, dm)
-    elif resumed_run:
-        client.update_run(run_id, status="RUNNING")
-    placeholder = run_id.startswith("rank")
+    client = None
+    placeholder = global_rank() != 0
+    if placeholder:
+        # another process of a multi-process fit: rank zero alone opens the store (two processes creating a
+        # new sqlite store at once collide), creates, logs into and ends the run. A rank started by an
+        # external launcher (torchrun, SLURM) learns the run id when training starts (LastCheckpoint.setup)
+        run_id = run_id or f"rank{global_rank()}"
+    else:
+        client = tracking.client_for(cfg.tracking)  # (a sqlite store is created here, after the checks)
+        if run_id is None:  # a new fit
+            _, run_id = tracking.start_run(
+                cfg.tracking, stage="pretrain", tags={tracking.DATASET_TAG: store.fingerprint}
+            )
+            tracking.log_params(client, run_id, {**flatten(cfg), "data.fingerprint": store.fingerprint})
+            client.log_text(run_id, to_yaml(cfg), "config.yaml")
+            if IMAGE in policy.input_keys:
+                log_input_frames(client, run_id, dm)
+        elif resumed_run:
+            client.update_run(run_id, status="RUNNING")
     published = not placeholder and RUN_ID_ENV not in os.environ
     if published:
         os.environ[RUN_ID_ENV] = run_id  # processes launched by a DDP strategy inherit it
@@ -336,6 +339,8 @@ def fit(cfg: FitConfig) -> str:
             os.environ.pop(RUN_ID_ENV, None)
             if delivered or error is not None:  # a fit whose metrics did not all arrive is not FINISHED
                 tracking.end_run(client, run_id, ok=error is None, error=error)
+    if placeholder and last is not None:  # rank zero's run, which LastCheckpoint.setup broadcast
+        run_id = last.path.parents[1].name
     return run_id
 
 
