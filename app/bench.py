@@ -263,6 +263,14 @@ def updates_per_s(p, batch_size: int, count: int = 50) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _workers(cfg: FinetuneConfig) -> str:
+    c = cfg.collect
+    if not c.workers:
+        return "none (in-process)"
+    where = f"distributed, launcher {c.launcher}" if c.backend == "distributed" else "local"
+    return f"{c.workers} ({'sync' if c.sync else 'async'}, {where})"
+
+
 def bench_finetune(
     cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int, sensor: Mapping[str, Any] | None = None
 ) -> dict[str, float]:
@@ -299,7 +307,7 @@ def bench_finetune(
         f"tmrl bench finetune: {cfg.task.env}, method {cfg.method}, {n} envs, H_exec {h}, "
         f"K {cfg.chunk.sample_steps}, policy width {policy_cfg.width} x {policy_cfg.depth}, "
         f"{counters['env_steps']} env steps ({counters['updates']} updates), torch threads {threads}, "
-        f"collector workers {cfg.collect.workers or 'none (in-process)'}"
+        f"collector workers {_workers(cfg)}"
     )
     print(f"  environment alone      {r_env:9.0f} env steps/s   (physics)")
     figures = {"env": r_env, "sampling": r_sample, "floor": floor, "loop": r_loop, "share": r_loop / floor}

@@ -1,6 +1,6 @@
 """`tmrl finetune --from-run ID`: TMRL fine-tuning of a frozen CSP policy, read top to bottom.
 
-make_env -> make_agent -> make_collector -> make_buffer; then the loop:
+make_env -> make_agent -> make_collector (app.collect) -> make_buffer; then the loop:
 collect -> extend -> update (UTD times) -> sync weights -> log -> evaluate -> checkpoint.
 
 The high-level SAC agent acts once per action chunk; only its action space differs between methods
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import queue
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,13 +22,12 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
-from torchrl.collectors import Collector, MultiAsyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
-from torchrl.weight_update import SharedMemWeightSyncScheme
 from tqdm import tqdm
 
 from app import tracking
 from app.base_run import load_base_policy, open_demos
+from app.collect import AnyCollector, dead_workers, make_collector
 from app.config import check_writable, flatten, to_yaml
 from app.envs.torchrl_envs import ChunkEnv, make_chunk_env, make_zero_shot_env
 from app.finetune_config import CollectConfig, FinetuneConfig
@@ -58,68 +56,6 @@ def state_keys(env: ChunkEnv) -> list[str]:
     return [k for k in STATE_KEYS if k in env.observation_spec.keys()]
 
 
-class WatchedWeightSync(SharedMemWeightSyncScheme):
-    """TorchRL's shared-memory weight sync, whose wait for a worker's acknowledgement ends when that worker
-    dies (TorchRL's own waits forever, so ``update_policy_weights_`` would hang on a dead worker)."""
-
-    procs: list = []  # the collector's worker processes, set once they run (a Process does not pickle)
-
-    def _wait_for_ack(self, worker_ids: int | list[int] | None = None, timeout: float | None = None) -> None:
-        ids = [worker_ids] if isinstance(worker_ids, int) else worker_ids or list(self._ack_queues)
-        for i in ids:
-            while True:
-                try:
-                    self._ack_queues[i].get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if self.procs[i].exitcode is not None:
-                        raise RuntimeError(f"collector worker {i} died while receiving weights") from None
-
-
-def dead_workers(collector: Collector | MultiAsyncCollector) -> list[str]:
-    """'collector worker i (pid N) died (exit code C)' for each worker process that ended."""
-    out = []
-    for i, proc in enumerate(getattr(collector, "procs", [])):
-        try:
-            code = proc.exitcode
-        except ValueError:  # closed: TorchRL terminated it after another one died
-            continue
-        if code is not None:
-            out.append(f"collector worker {i} (pid {proc.pid}) died (exit code {code})")
-    return out
-
-
-def make_collector(
-    env: ChunkEnv,
-    policy: TensorDictModule,
-    cfg: CollectConfig,
-    warmup: bool = True,
-    env_fn: Callable | None = None,
-) -> Collector | MultiAsyncCollector:
-    """In-process ``Collector`` on ``env`` (workers=0), or ``MultiAsyncCollector`` over ``cfg.workers``
-    processes that each build their env with ``env_fn(worker_index)``."""
-    kw = dict(
-        frames_per_batch=cfg.num_envs * cfg.chunks_per_batch,  # per worker
-        total_frames=-1,
-        # "actor": the warm-up chunks come from the initial actor itself (no updates until warmup_chunks)
-        init_random_frames=cfg.warmup_chunks if warmup and cfg.warmup_actions == "uniform" else 0,
-        auto_register_policy_transforms=False,  # the actor is stateless: no InitTracker needed
-    )
-    if cfg.workers == 0:
-        return Collector(env, policy, **kw)
-    if env_fn is None:
-        raise ValueError(f"collect.workers={cfg.workers} needs env_fn, a picklable env factory")
-    envs = [functools.partial(env_fn, i) for i in range(cfg.workers)]
-    sync = WatchedWeightSync()
-    # the learner keeps its thread count (cfg.threads); each worker runs one thread (num_sub_threads=1)
-    collector = MultiAsyncCollector(
-        envs, policy, num_threads=torch.get_num_threads(), num_sub_threads=1,
-        weight_sync_schemes={"policy": sync}, **kw,
-    )  # fmt: skip
-    sync.procs = collector.procs
-    return collector
-
-
 def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> ReplayBuffer:
     storage = (
         LazyMemmapStorage(cfg.buffer_size, scratch_dir=scratch_dir)
@@ -143,7 +79,7 @@ class Pipeline:
     loss: TMRLLoss
     optimizers: dict[str, torch.optim.Optimizer]
     policy: TensorDictModule  # the actor as the collector's policy
-    collector: Collector | MultiAsyncCollector
+    collector: AnyCollector
     buffer: ReplayBuffer
     offline: TensorDict | None = None  # demonstration chunks mixed into every replay batch (rlpd)
     base_env: ChunkEnv | None = None  # the base policy alone on the eval episodes (methods with a base)

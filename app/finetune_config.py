@@ -5,6 +5,7 @@ overrides are merged onto these defaults by ``app.config.load_config``.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 from app.config import check_ranges
@@ -93,9 +94,21 @@ class CollectConfig:
     num_envs: int = 8  # sub-environments stepped together (the base policy samples for all at once)
     chunks_per_batch: int = 1  # high-level steps per sub-env per collector batch
     # 0: collect in this process (torchrl Collector), alternating with the updates; n >= 1: n worker
-    # processes (MultiAsyncCollector), each with num_envs sub-envs, collecting WHILE the agent updates
-    # (the workers act with weights at most one batch old)
+    # processes, each with num_envs sub-envs (what each setting runs: app.collect)
     workers: int = 0
+    # False: each batch is one worker's while the others collect on, WHILE the agent updates (weights at
+    # most one batch old; MultiAsyncCollector). True: each batch gathers one sub-batch from every worker,
+    # all acting with the weights of the last update, and the workers wait during the updates
+    sync: bool = False
+    # "local": worker processes of this machine (TorchRL's multiprocess collectors); "distributed": TorchRL's
+    # torch.distributed collector (gloo over TCP), its workers launched by `launcher`
+    backend: str = "local"
+    launcher: str = "mp"  # backend=distributed: "mp", processes here; "submitit", one SLURM job per worker
+    tcp_port: int = 0  # backend=distributed: the learner listens on it and the next two; 0: free ones
+    # launcher=submitit: each worker's SLURM job (TorchRL's defaults, but a day's time limit, not 10 min)
+    slurm_partition: str = "train"
+    slurm_cpus_per_task: int = 32
+    slurm_timeout_min: int = 1440
     warmup_chunks: int = 500  # chunks collected before the first update
     # what acts during the warm-up: "actor", the initial actor (for base-policy methods: the base's own
     # noise at sigma near 0); "uniform": uniform random high-level actions (TorchRL's init_random_frames)
@@ -106,8 +119,20 @@ class CollectConfig:
     def __post_init__(self) -> None:
         check_ranges("collect", self, num_envs=">= 1", chunks_per_batch=">= 1", workers=">= 0")
         check_ranges("collect", self, warmup_chunks=">= 0", buffer_size=">= 1")
-        if self.warmup_actions not in ("actor", "uniform"):
-            raise ValueError(f"collect.warmup_actions={self.warmup_actions!r}; expected 'actor' or 'uniform'")
+        check_ranges("collect", self, slurm_cpus_per_task=">= 1", slurm_timeout_min=">= 1")
+        for name, allowed in (("warmup_actions", ("actor", "uniform")), ("backend", ("local", "distributed")),
+                              ("launcher", ("mp", "submitit"))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"collect.{name}={getattr(self, name)!r}; expected one of {list(allowed)}")
+        if not (self.tcp_port == 0 or 1024 <= self.tcp_port <= 65533):
+            raise ValueError(f"collect.tcp_port must be 0 (free) or in [1024, 65533], got {self.tcp_port}")
+        if self.workers == 0 and (self.sync or self.backend != "local"):
+            what = "collect.sync=true" if self.sync else f"collect.backend={self.backend}"
+            raise ValueError(f"{what} needs collect.workers >= 1 (collector processes), got 0")
+        if self.launcher != "mp" and self.backend != "distributed":
+            raise ValueError(f"collect.launcher={self.launcher} needs collect.backend=distributed")
+        if self.launcher == "submitit" and importlib.util.find_spec("submitit") is None:
+            raise ValueError("collect.launcher=submitit needs the submitit package: pip install submitit")
 
 
 @dataclass
