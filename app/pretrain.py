@@ -173,6 +173,10 @@ class LastCheckpoint(Checkpoint):
                 f"the weights are NaN or Inf after training step {trainer.global_step - 1}: stopped before "
                 f"saving it; {self.path} holds the last step saved before it (lower optim.lr)"
             )
+        # this step's metrics reach the store before the checkpoint that says it was trained: Lightning logs
+        # them only after this hook, and a fit killed in between would resume without them (the run's
+        # LoggerClient drops the identical batch Lightning then logs)
+        trainer._logger_connector.update_train_step_metrics()
         self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:

@@ -264,11 +264,16 @@ class LoggerClient:
 
     def __init__(self, client: MlflowClient, log: RunLog):
         self._client, self._log = client, log
+        self._last: dict | None = None  # the last batch of metrics, by step
 
     def log_batch(self, run_id: str, metrics=(), params=(), tags=(), **kw) -> None:
         by_step: dict[int, dict[str, float]] = {}
         for m in metrics:
             by_step.setdefault(m.step, {})[m.key] = m.value
+        if by_step and by_step == self._last:  # LastCheckpoint logged it before saving
+            by_step = {}
+        elif by_step:
+            self._last = by_step
         for step, values in by_step.items():
             self._log.log_metrics(values, step)
         if params or tags:

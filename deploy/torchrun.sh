@@ -71,9 +71,6 @@ if [[ $URI == sqlite:* ]]; then
       "(deploy/README.md), not a sqlite file" >&2
     exit 2
   fi
-  # every rank opens the store at start: create a new sqlite store's tables now, or the ranks race to
-  python -c 'import sys; from mlflow.tracking import MlflowClient; MlflowClient(sys.argv[1]).search_experiments()' \
-    "$URI" >/dev/null 2>&1
 fi
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 

@@ -133,6 +133,28 @@ def test_a_killed_fit_resumes_into_its_run_with_the_same_losses(tmp_path, mlflow
         np.testing.assert_allclose(values, expected[step], rtol=0, atol=1e-5, err_msg=f"step {step}")
 
 
+def test_a_checkpoint_is_written_only_once_its_steps_loss_is_in_the_store(
+    tmp_path, mlflow_uri, capsys, monkeypatch
+):
+    """The race a SIGKILL could hit: Lightning logs a step's metrics after its batch-end hooks, where the
+    checkpoint is saved, so a fit killed in between resumed without that step's loss."""
+    from app.pretrain import LastCheckpoint
+
+    save, seen = LastCheckpoint._save, []
+
+    def checked_save(self, trainer):
+        run_id = self.path.parent.parent.name
+        logged = history(mlflow_uri, run_id)
+        seen.append((trainer.global_step, max(logged, default=-1)))
+        return save(self, trainer)
+
+    monkeypatch.setattr(LastCheckpoint, "_save", checked_save)
+    run_id = fit(tmp_path, capsys, "trainer.max_steps=7")
+    assert [step for step, _ in seen] == [2, 4, 6, 7]
+    assert all(last_logged == step - 1 for step, last_logged in seen), seen  # trained through step - 1
+    assert sorted(single(history(mlflow_uri, run_id))) == list(range(7))  # and logged once, not twice
+
+
 def stop_at(monkeypatch, step: int, error: BaseException) -> None:
     """Make the training step raise ``error`` once the fit reaches global step ``step``."""
     from modules.csp import CSPModule
