@@ -116,7 +116,9 @@ def test_distributed_workers_on_loopback_act_with_the_learners_weights(sync):
         assert not any(t.is_shared() for t in p.loss.actor.parameters())
         assert len(p.collector.procs) == 2 and all(proc.is_alive() for proc in p.collector.procs)
         goals = torch.cat([b[GOAL].reshape(-1, b[GOAL].shape[-1]) for b in p.collector.batches])
-        assert len(torch.unique(goals, dim=0)) > cfg.collect.num_envs  # more than one worker's envs
+        if sync:  # every batch holds both workers' envs (async: whichever worker is done first, which on
+            # a loaded machine can be the same one for the few batches of this budget)
+            assert len(torch.unique(goals, dim=0)) > cfg.collect.num_envs
         check_counts_and_weights(cfg, p, counters, lag=0 if sync else 2)
     finally:
         p.collector.shutdown()
