@@ -1,4 +1,4 @@
-"""`tmrl bench pretrain | finetune`: where the time goes, measured in one run on this machine.
+"""`tmrl bench [all | pretrain | finetune]`: where the time goes, measured in one run on this machine.
 
 `tmrl bench pretrain`:
 
@@ -10,18 +10,24 @@
 `tmrl bench finetune`: env steps/s of the full fine-tuning loop, of the environment alone and of the base
 policy's chunk sampling alone at the same batch; the two set a floor (an env step needs both), and the
 loop's share of that floor is what collection, replay and SAC updates leave of it.
+
+`tmrl bench` (or `tmrl bench all`): every benchmark of ``SUITE`` at a quick size, as ONE markdown table
+with the machine and the date (``bench_all``); each function returns its rows as well as printing them.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import math
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -39,6 +45,15 @@ from modules.nets.keys import ACTION
 from modules.nets.policy import CSPPolicy, PolicyConfig
 
 WARMUP = 3  # untimed steps: first-call allocations and thread-pool start-up
+
+
+class Row(NamedTuple):
+    """One measured figure of a benchmark, a row of `tmrl bench all`'s table."""
+
+    name: str
+    value: float
+    unit: str
+    note: str = ""
 
 
 class _Batches(Dataset):
@@ -139,8 +154,8 @@ def forward_flops_per_sample(policy: CSPPolicy, batch: dict[str, torch.Tensor]) 
     return counter.get_total_flops() / len(batch[ACTION])
 
 
-def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
-    """Run the three measurements and print them; returns the figures."""
+def bench_pretrain(cfg: FitConfig, steps: int = 30) -> list[Row]:
+    """Run the three measurements and print them; returns their rows."""
     L.seed_everything(cfg.seed)
     ensure_demos(fit_task(cfg), cfg.data, cfg.demos)
     dm = make_datamodule(cfg)  # low-dim states or point clouds, as the config says
@@ -161,18 +176,17 @@ def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
     lat1 = sampling_latency_ms(policy.eval(), batches[0], 1, cfg.eval.sample_steps)
     lat64 = sampling_latency_ms(policy, batches[0], 64, cfg.eval.sample_steps)
 
-    figures = {
-        "params": params,
-        "forward_mflop_per_sample": flops / 1e6,
-        "bare_samples_per_s": bare,
-        "lightning_samples_per_s": light,
-        "lightning_over_bare": light / bare,
-        "loader_samples_per_s": loader,
-        "loader_over_training": loader / bare,
-        "sample_ms_batch1": lat1,
-        "sample_ms_batch64": lat64,
-    }
-    b, w, L_ = cfg.data.batch_size, cfg.data.num_workers, cfg.policy.chunk_len
+    b, w, L_, k = cfg.data.batch_size, cfg.data.num_workers, cfg.policy.chunk_len, cfg.eval.sample_steps
+    size = f"width {cfg.policy.width} x {cfg.policy.depth}, chunk {L_}"
+    rows = [
+        Row("parameters", params, "", size),
+        Row("forward FLOPs per sample", flops / 1e6, "MFLOP", "backward costs about twice this"),
+        Row("training, bare PyTorch loop", bare, "samples/s", f"batch {b}, {steps} timed steps"),
+        Row("training, Lightning", light, "samples/s", f"{light / bare:.3f} x the bare loop"),
+        Row("data loader", loader, "samples/s", f"workers {w}: {loader / bare:.1f}x training's consumption"),
+        Row("chunk sampling, batch 1", lat1, "ms/call", f"K {k}"),
+        Row("chunk sampling, batch 64", lat64, "ms/call", f"K {k}"),
+    ]
     print(
         f"tmrl bench pretrain: {params:,} params, {flops / 1e6:.2f} MFLOP forward/sample, batch {b}, "
         f"chunk {L_}, {steps} timed steps, torch threads {torch.get_num_threads()}"
@@ -181,9 +195,8 @@ def bench_pretrain(cfg: FitConfig, steps: int = 30) -> dict[str, float]:
     print(f"  training     Lightning  {light:10.0f} samples/s   Lightning/bare = {light / bare:.3f}")
     ratio = loader / bare
     print(f"  data loader  workers={w}  {loader:8.0f} samples/s   = {ratio:.1f}x training's consumption")
-    k = cfg.eval.sample_steps
     print(f"  sampling     K={k}  batch 1: {lat1:.2f} ms/call   batch 64: {lat64:.2f} ms/call")
-    return figures
+    return rows
 
 
 def unit_stats(policy: CSPPolicy) -> dict[str, np.ndarray]:
@@ -273,9 +286,9 @@ def _workers(cfg: FinetuneConfig) -> str:
 
 def bench_finetune(
     cfg: FinetuneConfig, policy_cfg: PolicyConfig, env_steps: int, sensor: Mapping[str, Any] | None = None
-) -> dict[str, float]:
+) -> list[Row]:
     """Full loop vs its floor (environment + base-policy sampling [+ sensor]) at the config's batch of
-    envs; ``sensor``: a task's sensor settings (a point-cloud fit config's demos.cube)."""
+    envs; ``sensor``: a task's sensor settings (a point-cloud fit config's demos.cube). Returns the rows."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()  # the collector's shutdown may change it
@@ -303,6 +316,31 @@ def bench_finetune(
         r_update = updates_per_s(p, cfg.agent.batch_size) if len(p.buffer) else float("nan")
     # an env step needs its physics, 1/H of a chunk sample and, on the cube, 1/H of a cloud
     floor = 1.0 / (1.0 / r_env + 1.0 / r_sample + 1.0 / (r_cloud * h))
+    a = cfg.agent
+    chunks_per_step = 1.0 / h  # high-level transitions per env step (fewer where episodes end mid-chunk)
+    need = a.utd_ratio * chunks_per_step * r_loop  # updates/s the loop's collection rate asks for
+    agent = f"{a.num_critics} critics x {a.critic_layers} x {a.hidden}, batch {a.batch_size}"
+    what = ", ".join(f"{k} {sensor[k]}" for k in ("num_points", "cameras") if k in sensor)
+    # seconds making clouds per env step over seconds per env step of the whole loop
+    cloud_share = r_loop / (r_cloud * h)
+    # the context encoder runs twice per chunk: the agent's features and the chunk sample's condition
+    encoder_share = 2 * r_loop / (r_feat * h)
+    rows = [Row("environment alone", r_env, "env steps/s", f"physics, {n} sub-envs")]
+    if clouds:
+        rows.append(Row("sensor alone", r_cloud, "observations/s", f"{what}; one per chunk"))
+    rows += [
+        Row("chunk sampling alone", r_sample, "env steps/s", f"batch {n}, K {cfg.chunk.sample_steps}"),
+        Row("floor (all)", floor, "env steps/s", "an env step needs each of the above"),
+        Row("full loop", r_loop, "env steps/s", f"{r_loop / floor:.0%} of the floor; torch threads "
+            f"{threads}, collector workers {_workers(cfg)}"),
+        Row("SAC updates", r_update, "updates/s", f"{agent}; UTD {a.utd_ratio:g} asks {need:.0f}/s"),
+    ]  # fmt: skip
+    if clouds:
+        rows += [
+            Row("the sensor's share of a fine-tuning env step", 100 * cloud_share, "%"),
+            Row("context encoder alone", r_feat, "observations/s", f"batch {n}, twice per chunk"),
+            Row("the context encoder's share of a fine-tuning env step", 100 * encoder_share, "%"),
+        ]
     print(
         f"tmrl bench finetune: {cfg.task.env}, method {cfg.method}, {n} envs, H_exec {h}, "
         f"K {cfg.chunk.sample_steps}, policy width {policy_cfg.width} x {policy_cfg.depth}, "
@@ -310,14 +348,7 @@ def bench_finetune(
         f"collector workers {_workers(cfg)}"
     )
     print(f"  environment alone      {r_env:9.0f} env steps/s   (physics)")
-    figures = {"env": r_env, "sampling": r_sample, "floor": floor, "loop": r_loop, "share": r_loop / floor}
-    figures["updates_per_s"] = r_update
     if clouds:
-        # seconds making clouds per env step over seconds per env step of the whole loop
-        figures |= {"clouds_per_s": r_cloud, "cloud_share_of_step": r_loop / (r_cloud * h)}
-        # the context encoder runs twice per chunk: the agent's features and the chunk sample's condition
-        figures |= {"encoder_per_s": r_feat, "encoder_share_of_step": 2 * r_loop / (r_feat * h)}
-        what = ", ".join(f"{k} {sensor[k]}" for k in ("num_points", "cameras") if k in sensor)
         print(
             f"  sensor alone           {r_cloud:9.1f} observations/s ({what}): "
             f"{r_cloud * h:.0f} env steps/s at one per chunk"
@@ -325,18 +356,156 @@ def bench_finetune(
     print(f"  chunk sampling alone   {r_sample:9.0f} env steps/s   (batch {n})")
     print(f"  floor (all)            {floor:9.0f} env steps/s")
     print(f"  full loop              {r_loop:9.0f} env steps/s   = {r_loop / floor:.0%} of the floor")
-    a = cfg.agent
-    chunks_per_step = 1.0 / h  # high-level transitions per env step (fewer where episodes end mid-chunk)
-    need = a.utd_ratio * chunks_per_step * r_loop  # updates/s the loop's collection rate asks for
     print(
-        f"  SAC updates            {r_update:9.0f} updates/s     ({a.num_critics} critics x "
-        f"{a.critic_layers} x {a.hidden}, batch {a.batch_size}); UTD {a.utd_ratio:g} per chunk = "
+        f"  SAC updates            {r_update:9.0f} updates/s     ({agent}); UTD {a.utd_ratio:g} per chunk = "
         f"{need:.0f} updates/s at the loop's rate"
     )
     if clouds:
-        print(f"  the sensor's share of a fine-tuning env step: {figures['cloud_share_of_step']:.0%}")
+        print(f"  the sensor's share of a fine-tuning env step: {cloud_share:.0%}")
         print(
             f"  context encoder alone  {r_feat:9.0f} observations/s (batch {n}); twice per chunk, its share "
-            f"of a fine-tuning env step: {figures['encoder_share_of_step']:.0%}"
+            f"of a fine-tuning env step: {encoder_share:.0%}"
         )
-    return figures
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One benchmark of `tmrl bench all`: a bench function on shipped configs at a quick size."""
+
+    name: str  # its id in the table and for ``--only``
+    kind: str  # a key of KINDS: "pretrain" (``bench_pretrain``) or "finetune" (``bench_finetune``)
+    config: str  # the fit config (pretrain) or the fine-tuning config (finetune)
+    size: int  # pretrain: timed steps per loop; finetune: env steps of the timed loop
+    policy_config: str = ""  # finetune: the fit config whose policy and sensor to use
+    overrides: tuple[str, ...] = ()  # key=value; "{scratch}" stands for a temporary directory
+
+
+def _scratch_demos(name: str, episodes: int, steps: int) -> tuple[str, ...]:
+    """A few fresh demonstrations in the scratch directory: the loader's speed does not need 300 episodes,
+    and the measurement does not depend on which store lies in data/."""
+    return f"data.path={{scratch}}/{name}.zarr", f"demos.episodes={episodes}", f"demos.episode_length={steps}"
+
+
+SUITE = (  # quick sizes: the whole suite takes minutes on 2 CPU cores
+    Suite("pretrain-state", "pretrain", "configs/csp_state.yaml", 20, "", _scratch_demos("state", 10, 500)),
+    Suite("pretrain-cube", "pretrain", "configs/csp_pointcloud.yaml", 10, "", _scratch_demos("cube", 4, 200)),
+    Suite("pretrain-image", "pretrain", "configs/csp_image.yaml", 10, "", _scratch_demos("maze", 6, 200)),
+    Suite("finetune-state", "finetune", "configs/tmrl_pointmaze.yaml", 4000, "configs/csp_state.yaml"),
+    Suite("finetune-cube", "finetune", "configs/tmrl_cube.yaml", 1000, "configs/csp_pointcloud.yaml"),
+    Suite("finetune-image", "finetune", "configs/tmrl_image.yaml", 2000, "configs/csp_image.yaml"),
+)  # fmt: skip
+
+
+def _run_pretrain(s: Suite, overrides: list[str]) -> list[Row]:
+    from app.config import load_config
+    from app.tasks.registry import fit_schema
+
+    return bench_pretrain(load_config(fit_schema(s.config, overrides), s.config, overrides), steps=s.size)
+
+
+def _run_finetune(s: Suite, overrides: list[str]) -> list[Row]:
+    from app.config import load_config
+    from app.tasks.registry import fit_schema
+
+    cfg = load_config(FinetuneConfig, s.config, overrides)
+    fit_cfg = load_config(fit_schema(s.policy_config), s.policy_config)
+    return bench_finetune(cfg, fit_cfg.policy, s.size, fit_task(fit_cfg).sensor(fit_cfg))
+
+
+KINDS = {"pretrain": _run_pretrain, "finetune": _run_finetune}
+
+
+def select(names: Sequence[str]) -> list[Suite]:
+    """The benchmarks of SUITE named in ``names`` (all of them when empty), in SUITE's order."""
+    known = [s.name for s in SUITE]
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"--only {' '.join(unknown)}: no such benchmark; expected some of {known}")
+    return [s for s in SUITE if not names or s.name in names]
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The CPU's name from /proc/cpuinfo's text: x86's "model name", else ARM's "Model" or "Hardware"."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip():
+            fields.setdefault(key.strip(), value.strip())
+    for key in ("model name", "Model", "Hardware", "cpu model"):
+        if key in fields:
+            return fields[key]
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:  # not Linux
+        return ""
+
+
+def machine() -> str:
+    """This machine in one line: CPU model and cores, memory, torch version and threads, GPUs if any."""
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    cpu = f"{cpu_model(_read('/proc/cpuinfo'))}, {cores} cores" + (f" ({usable} usable)" * (usable != cores))
+    mem = [line.split()[1] for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal:")]
+    if mem:
+        cpu += f", {int(mem[0]) / 2**20:.0f} GiB memory"
+    threads = torch.get_num_threads()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    gpu = ", ".join(f"{gpus.count(g)} x {g}" for g in sorted(set(gpus))) if gpus else "no GPU"
+    return f"{cpu}; torch {torch.__version__}, {threads} torch thread{'s' * (threads != 1)}; {gpu}"
+
+
+def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def command_of(s: Suite) -> str:
+    """The `tmrl bench` command that runs ``s`` alone (the scratch directory shown as <scratch>)."""
+    size = f"--steps {s.size}" if s.kind == "pretrain" else f"--env-steps {s.size}"
+    policy = f" --policy-config {s.policy_config}" if s.policy_config else ""
+    rest = "".join(f" {o.replace('{scratch}', '<scratch>')}" for o in s.overrides)
+    return f"tmrl bench {s.kind} --config {s.config}{policy} {size}{rest}"
+
+
+def markdown(results: Sequence[tuple[Suite, list[Row]]], command: str, where: str, day: datetime.date) -> str:
+    """ONE markdown table of every benchmark's rows, headed by the command, date and machine, followed by
+    the command that runs each benchmark alone."""
+    lines = [f"`{command}`, {day.isoformat()}. Machine: {where}.", ""]
+    lines += ["| benchmark | what | value | unit | note |", "|---|---|---|---|---|"]
+    for s, rows in results:
+        for r in rows:
+            lines.append(f"| {s.name} | {_cell(r.name)} | {_number(r.value)} | {r.unit} | {_cell(r.note)} |")
+    lines += ["", *(f"- {s.name}: `{command_of(s)}`" for s, _ in results)]
+    return "\n".join(lines) + "\n"
+
+
+def bench_all(suite: Sequence[Suite], command: str = "tmrl bench all") -> tuple[str, list[str]]:
+    """Run each benchmark of ``suite`` in turn (one that fails leaves a "failed" row, and the others still
+    run); returns (the markdown table, the failures as "name: error")."""
+    where, threads = machine(), torch.get_num_threads()
+    results, failures = [], []
+    with tempfile.TemporaryDirectory(prefix="tmrl-bench-") as scratch:
+        for s in suite:
+            overrides = [o.replace("{scratch}", scratch) for o in s.overrides]
+            try:
+                rows = KINDS[s.kind](s, overrides)
+            except Exception as err:  # a broken benchmark must not lose the others' minutes of measurement
+                rows = [Row("failed", float("nan"), "", f"{type(err).__name__}: {err}")]
+                failures.append(f"{s.name}: {type(err).__name__}: {err}")
+            finally:
+                torch.set_num_threads(threads)  # bench_finetune sets its config's
+            results.append((s, rows))
+    return markdown(results, command, where, datetime.date.today()), failures

@@ -103,28 +103,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import tempfile
-
-    import yaml
-
     from app import tracking
-    from app.tasks.registry import task_of_fit
-    from modules.nets.policy import CSPPolicy
+    from app.eval_run import eval_run
 
     uri = tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri))
-    with tempfile.TemporaryDirectory() as tmp:
-        files = tracking.fetch_pretrain_run(uri, args.from_run, tmp)
-        data = yaml.safe_load(files["config"].read_text()) or {}
-        mode = (data.get("policy") or {}).get("context_mode") or "goal"
-        task = task_of_fit(mode, (data.get("demos") or {}).get("env"))
-        files["config"].write_text(yaml.safe_dump(task.upgrade_run_config(data), sort_keys=False))
-        cfg = load_config(task.fit_schema(), files["config"], args.overrides)
-        policy = CSPPolicy.load(files["policy"])
-    out = Path(args.out or Path(cfg.output_dir) / args.from_run / "eval")
-    report = task.zero_shot(policy, cfg, None, out)
-    for line in report.lines:
+    result = eval_run(uri, args.from_run, args.overrides, args.out, log=not args.no_log)
+    for line in result.lines:
         print(line)
-    print(f"[tmrl] plots in {out}")
+    print(f"[tmrl] eval of {result.stage} run {args.from_run} (95% bootstrap interval over initial states):")
+    for line in result.table.lines():
+        print(line)
+    where = "not logged (--no-log)" if args.no_log else f"logged to run {args.from_run} under eval/"
+    print(f"[tmrl] table.csv and plots in {result.out}; {where}")
 
 
 def cmd_demos(args: argparse.Namespace) -> None:
@@ -161,6 +151,45 @@ def cmd_bench_finetune(args: argparse.Namespace) -> None:
     fit_cfg = load_config(fit_schema(args.policy_config), args.policy_config)
     sensor = fit_task(fit_cfg).sensor(fit_cfg)
     bench_finetune(cfg, fit_cfg.policy, env_steps=args.env_steps, sensor=sensor)
+
+
+def _add_bench_all_args(p: argparse.ArgumentParser, out: object, only: object) -> None:
+    p.add_argument("--out", default=out, help="write the markdown table here (default: stdout)")
+    p.add_argument("--only", nargs="+", default=only, metavar="NAME", help="only these (app/bench.py SUITE)")
+    p.set_defaults(func=cmd_bench_all)
+
+
+def cmd_bench_all(args: argparse.Namespace) -> None:
+    from app.bench import bench_all, select
+
+    suite = select(args.only)
+    command = "tmrl bench all" + (f" --only {' '.join(args.only)}" if args.only else "")
+    table, failures = bench_all(suite, command)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+        print(f"[tmrl] {len(suite)} benchmarks: table written to {args.out}")
+    else:
+        print("\n" + table, end="")
+    if failures:  # the table holds their rows; exit 1, as for a run that failed
+        print("tmrl bench: failed: " + "; ".join(failures), file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from app.report import report
+    from app.tracking import TrackingConfig, resolve_uri
+
+    result = report(resolve_uri(TrackingConfig(uri=args.uri)), args.file, check=args.check)
+    state = ("would change" if args.check else "rewritten") if result.changed else "unchanged"
+    if result.figures:
+        state += f"; figures {'to draw' if args.check else 'drawn'}: {', '.join(result.figures)}"
+    print(f"[tmrl] {args.file}: {result.blocks} blocks, {state}")
+    if result.errors:  # the file holds an error line in each such block; the rest is regenerated
+        raise ValueError(f"{args.file}: " + "; ".join(result.errors))
+    if args.check and (result.changed or result.figures):
+        print(f"tmrl report: {args.file} is out of date; `tmrl report --file {args.file}`", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
@@ -205,11 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also save the plot here (e.g. docs/figures/target_a.png)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("eval", help="re-evaluate a pre-training run's policy zero-shot (eval.* overrides)")
-    p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` run")
+    p = sub.add_parser(
+        "eval", help="re-evaluate a run (a fit's policy zero-shot, a fine-tuned agent), logged back to it"
+    )
+    p.add_argument("--from-run", required=True, help="MLflow run id of a `tmrl fit` or `tmrl finetune` run")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--out", default=None, help="where plots go (default: <output_dir>/<run_id>/eval)")
-    example = "eval.episodes_per_task=10 (point-cloud runs: eval.states=20)"
+    p.add_argument("--no-log", action="store_true", help="print and write to --out only; log nothing")
+    example = "eval.episodes_per_task=10 eval.rollouts=4 (cube: eval.states=20; fine-tuned: eval.episodes=50)"
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
     p.set_defaults(func=cmd_eval)
 
@@ -241,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demos)
 
-    p = sub.add_parser("bench", help="benchmarks (printed, not tracked)")
-    bench = p.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("bench", help="benchmarks (printed, not tracked); alone: all of them, as one table")
+    _add_bench_all_args(p, out=None, only=[])
+    bench = p.add_subparsers(dest="bench")
+    b = bench.add_parser("all", help="every benchmark at a quick size, as one markdown table")
+    _add_bench_all_args(b, out=argparse.SUPPRESS, only=argparse.SUPPRESS)  # `bench --out F all` keeps F
     b = bench.add_parser("pretrain", help="Lightning vs bare loop, data-loader and sampling throughput")
     _add_config_args(b, default="configs/csp_state.yaml")
     b.add_argument("--steps", type=int, default=30, help="timed training steps per loop")
@@ -256,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--env-steps", type=int, default=10_000, help="env steps of the timed loop")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning config overrides")
     b.set_defaults(func=cmd_bench_finetune)
+
+    p = sub.add_parser("report", help="regenerate the generated blocks of a markdown report from MLflow runs")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--file", default="docs/RESULTS.md", help="the report (block syntax: app/report.py)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file would change")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on the configured tracking store")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")

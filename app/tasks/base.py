@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 
 if TYPE_CHECKING:  # type names only: importing a task's contract builds no environment
+    from app.evaluation import EvalTable
     from app.schema import DemoConfig, FitConfig
     from app.tasks.registry import TaskConfig
     from datamodules.episodes import EpisodeStore
@@ -59,10 +60,12 @@ class Backend(Protocol):
 
 @dataclass
 class ZeroShot:
-    """A zero-shot evaluation's outcome: MLflow metrics, printable lines and the plots written."""
+    """A zero-shot evaluation's outcome: MLflow metrics, printable lines, the plots written and the table
+    of estimates (success rate and Success@k with their intervals) the metrics come from."""
 
     metrics: dict[str, float]
     lines: list[str]
+    table: EvalTable
     plots: list[Path] = field(default_factory=list)
 
 

@@ -51,7 +51,7 @@ def test_image_cube_fit_runs_end_to_end_with_the_cube_evaluation(fitted):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["policy.context_mode"] == "image_embedding"
     assert run.data.params["policy.image_encoder.name"] == "test_resnet" and "train/loss" in run.data.metrics
-    expected = {f"eval/heldout/success_at_{k}_sigma_{s}" for k in (1, 2) for s in (0, 1)}
+    expected = {f"eval/heldout/success_at_k_sigma_{s}_k_{k}" for k in (1, 2) for s in (0, 1)}
     expected |= {"eval/heldout/success_sigma_0", "eval/heldout/success_sigma_1"}
     assert expected <= set(run.data.metrics) and all(0 <= run.data.metrics[m] <= 1 for m in expected)
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}

@@ -66,11 +66,11 @@ def test_the_fit_ends_with_the_cube_evaluation(fitted):
     tmp, uri, run_id, _ = fitted
     client = MlflowClient(uri)
     run = client.get_run(run_id)
-    expected = {f"eval/heldout/success_at_{k}_sigma_{s}" for k in (1, 2) for s in (0, 1)}
+    expected = {f"eval/heldout/success_at_k_sigma_{s}_k_{k}" for k in (1, 2) for s in (0, 1)}
     expected |= {"eval/heldout/success_sigma_0", "eval/heldout/success_sigma_1"}
     assert expected <= set(run.data.metrics) and all(0 <= run.data.metrics[m] <= 1 for m in expected)
     assert not any(m.startswith("eval/train/") for m in run.data.metrics)  # variations: [heldout]
-    history = client.get_metric_history(run_id, "eval/heldout/success_at_2_sigma_1")
+    history = client.get_metric_history(run_id, "eval/heldout/success_at_k_sigma_1_k_2")
     assert [m.step for m in history] == [4]  # the final global step (trainer.max_steps)
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/zero_shot_success_at_k.png"]
 

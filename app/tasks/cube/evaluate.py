@@ -3,8 +3,9 @@ sigma (METHOD.md section 3).
 
 For each variation ("train", "heldout"), S fixed, seeded initial states (arm, cube, target) are each rolled
 out K times with fresh z and eps_c; Success@K is the fraction of states solved by at least one of the
-first K rollouts. All S * K rollouts of one (variation, sigma) run batched in one :class:`BatchedCube`,
-row s * K + k being state s's k-th rollout::
+first K rollouts (``app.evaluation`` computes it, names the metrics and gives their intervals). All S * K
+rollouts of one (variation, sigma) run batched in one :class:`BatchedCube`, row s * K + k being state s's
+k-th rollout::
 
     rows       s0k0 s0k1 ... s0k(K-1) | s1k0 ... | ... | s(S-1)k(K-1)
     reset seed seed(0) ...  seed(0)   | seed(1)  | ... | seed(S-1)       (one scene per state)
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from app.evaluation import success_at_k
 from app.plots import pyplot
 from app.tasks.cube.backend import BatchedCube
 from app.tasks.cube.config import VARIATIONS, CubeConfig, CubeEvalConfig
@@ -96,15 +98,6 @@ def rollout_states(
     return success.reshape(s, k)
 
 
-def success_at_k(success: np.ndarray) -> np.ndarray:
-    """(K,) Success@k for k = 1..K from an (S, K) success array: entry k-1 = the fraction of states
-    solved by at least one of their first k rollouts."""
-    success = np.asarray(success, bool)
-    if success.ndim != 2 or success.shape[1] < 1:
-        raise ValueError(f"success must be (states, rollouts), got shape {success.shape}")
-    return np.logical_or.accumulate(success, axis=1).mean(axis=0)
-
-
 def evaluate_cube(
     policy: CSPPolicy, cube: CubeConfig, cfg: CubeEvalConfig, progress: bool = True
 ) -> dict[tuple[str, float], np.ndarray]:
@@ -123,17 +116,6 @@ def evaluate_cube(
         finally:
             env.close()
     return results
-
-
-def metrics(results: dict[tuple[str, float], np.ndarray]) -> dict[str, float]:
-    """MLflow metrics (no '@' or '=' in the names): ``eval/<variation>/success_at_<k>_sigma_<s>`` for every
-    k, and ``eval/<variation>/success_sigma_<s>``, the fraction of all S * K rollouts that succeeded."""
-    out = {}
-    for (variation, sigma), success in results.items():
-        for k, value in enumerate(success_at_k(success), start=1):
-            out[f"eval/{variation}/success_at_{k}_sigma_{sigma:g}"] = float(value)
-        out[f"eval/{variation}/success_sigma_{sigma:g}"] = float(success.mean())
-    return out
 
 
 def summary(results: dict[tuple[str, float], np.ndarray]) -> list[str]:

@@ -153,9 +153,11 @@ class CubeTask(Task):
     def zero_shot(
         self, policy: CSPPolicy, cfg: FitConfig, env: str | None, out: Path, progress: bool = True
     ) -> ZeroShot:
+        from app.evaluation import policy_table
         from app.tasks.cube import evaluate
 
         results = evaluate.evaluate_cube(policy, cfg.demos.cube, cfg.eval, progress=progress)
         out.mkdir(parents=True, exist_ok=True)
         plot = evaluate.plot_success_at_k(results, out / "zero_shot_success_at_k.png", cfg.demos.env)
-        return ZeroShot(evaluate.metrics(results), evaluate.summary(results), [plot])
+        table = policy_table(results)  # the variations are the splits
+        return ZeroShot(table.metrics(), evaluate.summary(results), table, [plot])

@@ -60,13 +60,20 @@ class EvalConfig:
     enabled: bool = True
     env: str | None = None  # None: the environment the demonstrations came from
     sigmas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    episodes_per_task: int = 2
+    episodes_per_task: int = 2  # fixed, seeded starts per task: S = 5 * episodes_per_task initial states
+    # K rollouts of each start (fresh z and eps_c each) for Success@K; the fit's evaluation keeps K = 1,
+    # a `tmrl eval eval.rollouts=8` re-evaluation costs K times its rollouts
+    rollouts: int = 1
     exec_horizon: int = 8  # actions executed open loop from each sampled chunk
-    sample_steps: int = 10  # K Euler steps
+    sample_steps: int = 10  # Euler steps per chunk
     seed: int = 0
 
     def __post_init__(self) -> None:
         if any(not 0.0 <= s <= 1.0 for s in self.sigmas):
             raise ValueError(f"eval.sigmas must lie in [0, 1], got {self.sigmas}")
-        if self.episodes_per_task < 1 or self.exec_horizon < 1 or self.sample_steps < 1:
-            raise ValueError("eval.episodes_per_task, eval.exec_horizon and eval.sample_steps must be >= 1")
+        if len(set(self.sigmas)) != len(self.sigmas):
+            raise ValueError(f"eval.sigmas has duplicates: {self.sigmas}")
+        for name in ("episodes_per_task", "rollouts", "exec_horizon", "sample_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {value!r}")

@@ -1,7 +1,14 @@
 """Zero-shot evaluation of a pre-trained policy on OGBench's fixed evaluation tasks, and its plot.
 
-Rollouts are batched across every (task, episode) pair: one ``policy.sample`` call serves all live
-environments, then each runs the first ``exec_horizon`` actions of its chunk open loop::
+An initial state is a (task, episode) pair, its start and goal fixed by a seed; each is rolled out
+``eval.rollouts`` = K times with fresh z and eps_c (Success@K, ``app.evaluation``), row s * K + k being
+state s's k-th rollout, states task-major::
+
+    rows       t1e0k0 .. t1e0k(K-1) | t1e1k0 .. | ... | t5e(E-1)k(K-1)
+    reset seed seed(t1, e0)         | seed(t1, e1) | ... | seed(t5, e(E-1))
+
+Rollouts are batched across every row: one ``policy.sample`` call serves all live environments, then each
+runs the first ``exec_horizon`` actions of its chunk open loop::
 
     env step   0 1 2 3 4 5 6 7 8 9 ...
     chunk      [ sample @0: a0..a(L-1) ]
@@ -32,18 +39,17 @@ from modules.nets.policy import CSPPolicy
 EVAL_EPISODE_STEPS = 1000  # OGBench's time limit of its maze evaluation episodes
 
 
-def metric_name(sigma: float) -> str:
-    """MLflow metric names may not hold '@' or '=', so success@sigma=s is logged as this."""
-    return f"eval/success_sigma_{sigma:g}"
-
-
 @dataclass
 class Rollouts:
-    """What one sigma's evaluation episodes did (episodes ordered task-major)."""
+    """What one sigma's evaluation rollouts did (rows ordered as in the module docstring)."""
 
-    success: np.ndarray  # (NUM_TASKS, episodes_per_task) bool
-    paths: list[np.ndarray]  # per episode, (T_i, 2) xy positions visited
-    goals: np.ndarray  # (NUM_TASKS * episodes_per_task, 2)
+    success: np.ndarray  # (NUM_TASKS, episodes_per_task, rollouts) bool
+    paths: list[np.ndarray]  # per rollout, (T_i, 2) xy positions visited
+    goals: np.ndarray  # (NUM_TASKS * episodes_per_task * rollouts, 2)
+
+    def states(self) -> np.ndarray:
+        """(S, K) bool outcomes, S = NUM_TASKS * episodes_per_task initial states, K rollouts each."""
+        return self.success.reshape(-1, self.success.shape[-1])
 
 
 def rollout_tasks(
@@ -54,19 +60,20 @@ def rollout_tasks(
     progress: bool = False,
     camera: MazeCameraConfig | None = None,
 ) -> Rollouts:
-    """Roll out the fixed, seeded evaluation episodes (every task, episodes_per_task each) at sigma, seen
-    through ``camera`` if given (the visual maze)."""
+    """Roll out the fixed, seeded evaluation episodes (every task, episodes_per_task each, ``rollouts``
+    times each) at sigma, seen through ``camera`` if given (the visual maze)."""
     if cfg.exec_horizon > policy.cfg.chunk_len:
         raise ValueError(
             f"eval.exec_horizon={cfg.exec_horizon} exceeds policy chunk_len={policy.cfg.chunk_len}"
         )
     pairs = [(t, e) for t in range(1, NUM_TASKS + 1) for e in range(cfg.episodes_per_task)]
+    rows = [pair for pair in pairs for _ in range(cfg.rollouts)]  # each start K times in a row
     # OGBench's own time limit; each row's start and goal are its evaluation task's
     target = TaskConfig(env=env_name, task_id=1, max_episode_steps=EVAL_EPISODE_STEPS)
-    env = BatchedMaze(target, len(pairs), seed=cfg.seed, camera=camera)
+    env = BatchedMaze(target, len(rows), seed=cfg.seed, camera=camera)
     try:
-        seeds = [cfg.seed * 10_000 + task * 100 + ep for task, ep in pairs]
-        env.reset(seeds=seeds, task_ids=[task for task, _ in pairs])
+        seeds = [cfg.seed * 10_000 + task * 100 + ep for task, ep in rows]
+        env.reset(seeds=seeds, task_ids=[task for task, _ in rows])
         paths = [[ob[:2].copy()] for ob in env.observation]
         goals = env.goal_pos.copy()
 
@@ -75,11 +82,12 @@ def rollout_tasks(
                 paths[k].append(env.observation[k, :2].copy())
 
         sample = policy_sampler(policy, sigma, torch.Generator().manual_seed(cfg.seed), cfg.sample_steps)
-        with tqdm(desc=f"eval sigma={sigma:g}", total=len(pairs), disable=not progress, leave=False) as bar:
+        with tqdm(desc=f"eval sigma={sigma:g}", total=len(rows), disable=not progress, leave=False) as bar:
             success = rollout(env, sample, cfg.exec_horizon, on_step=record, on_done=bar.update)
     finally:
         env.close()
-    return Rollouts(success.reshape(NUM_TASKS, cfg.episodes_per_task), [np.asarray(p) for p in paths], goals)
+    shape = (NUM_TASKS, cfg.episodes_per_task, cfg.rollouts)
+    return Rollouts(success.reshape(shape), [np.asarray(p) for p in paths], goals)
 
 
 def evaluate_zero_shot(
@@ -98,10 +106,12 @@ def summary(results: dict[float, Rollouts], env_name: str) -> list[str]:
     """One printable line per sigma: overall and per-task success."""
     lines = []
     for sigma, r in results.items():
-        per_task = ", ".join(f"{v:.0%}" for v in r.success.mean(axis=1))
+        per_task = ", ".join(f"{v:.0%}" for v in r.success.mean(axis=(1, 2)))
+        states, k = r.states().shape
+        each = "" if k == 1 else f" = {states} starts x {k} rollouts"
         lines.append(
             f"[tmrl] zero-shot {env_name} sigma={sigma:g}: success {r.success.mean():.1%} "
-            f"({r.success.size} episodes; per task {per_task})"
+            f"({r.success.size} episodes{each}; per task {per_task})"
         )
     return lines
 
@@ -114,7 +124,7 @@ def plot_success(results: dict[float, Rollouts], env_name: str, path: str | Path
     width = 0.8 / len(sigmas)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, s in enumerate(sigmas):
-        per_task = results[s].mean(axis=1)
+        per_task = results[s].mean(axis=(1, 2))
         xs = np.arange(NUM_TASKS) + i * width
         ax.bar(xs, per_task, width, label=f"sigma={s:g} (mean {results[s].mean():.0%})")
     ax.set_xticks(np.arange(NUM_TASKS) + 0.4 - width / 2, [f"task {t}" for t in range(1, NUM_TASKS + 1)])

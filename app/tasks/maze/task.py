@@ -105,16 +105,17 @@ class MazeTask(Task):
     def zero_shot(
         self, policy: CSPPolicy, cfg: FitConfig, env: str | None, out: Path, progress: bool = True
     ) -> ZeroShot:
+        from app.evaluation import policy_table
         from app.tasks.maze import evaluate
 
         env_name = cfg.eval.env or env or cfg.demos.env
         camera = self.camera(policy.sensor, "the evaluated policy")
         state_env = self.state_env(env_name)
         results = evaluate.evaluate_zero_shot(policy, state_env, cfg.eval, progress=progress, camera=camera)
-        metrics = {evaluate.metric_name(s): float(r.success.mean()) for s, r in results.items()}
+        table = policy_table({("", s): r.states() for s, r in results.items()})  # one set of states
         out.mkdir(parents=True, exist_ok=True)
         plots = [
             evaluate.plot_success(results, env_name, out / "zero_shot_success.png"),
             evaluate.plot_paths(results, state_env, out / "zero_shot_paths.png"),
         ]
-        return ZeroShot(metrics, evaluate.summary(results, env_name), plots)
+        return ZeroShot(table.metrics(), evaluate.summary(results, env_name), table, plots)

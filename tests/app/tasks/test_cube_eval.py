@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from app.config import ConfigError, load_config
+from app.evaluation import policy_table
 from app.tasks.cube.config import CubeConfig, CubeEvalConfig, PointCloudFitConfig
 from app.tasks.cube.evaluate import (
     evaluate_cube,
-    metrics,
     plot_success_at_k,
     rollout_states,
     state_seeds,
@@ -145,9 +145,9 @@ def test_evaluation_returns_one_success_array_per_variation_and_sigma(evaluated,
     for success in results.values():
         assert success.shape == (2, 2) and success.dtype == bool
         assert np.all((success_at_k(success) >= 0) & (success_at_k(success) <= 1))
-    names = metrics(results)
-    assert len(names) == 2 * 3 and not any("@" in n or "=" in n for n in names)
-    assert {"eval/heldout/success_at_2_sigma_1", "eval/heldout/success_sigma_0"} <= set(names)
+    names = policy_table(results).metrics()  # (a value and its interval's two ends) x 3 per sigma
+    assert len(names) == 2 * 3 * 3 and not any("@" in n or "=" in n for n in names)
+    assert {"eval/heldout/success_at_k_sigma_1_k_2", "eval/heldout/success_sigma_0_ci_low"} <= set(names)
     assert all(0.0 <= v <= 1.0 for v in names.values())
     assert len(summary(results)) == 2 and "Success@1" in summary(results)[0]
     assert plot_success_at_k(results, tmp_path / "k.png").stat().st_size > 0
