@@ -37,7 +37,7 @@ lint: $(BIN)/tmrl
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(BIN)/tmrl
-	$(BIN)/tmrl bench pretrain --config configs/csp_state.yaml
+	$(BIN)/tmrl bench
 
 ui: $(BIN)/tmrl
 	$(BIN)/tmrl ui
