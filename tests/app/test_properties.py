@@ -32,7 +32,7 @@ VALUES = {  # a handful of typed keys of the fit schema, with their valid values
     "eval.enabled": st.booleans(),
     "tracking.experiment": word,
     "tracking.run_name": st.none() | word,
-    "eval.sigmas": st.lists(unit, max_size=5),
+    "eval.sigmas": st.lists(unit, max_size=5, unique=True),  # eval configs refuse a repeated sigma
     "optim.betas": st.lists(st.floats(0.0, 0.99), min_size=2, max_size=2),
 }
 
