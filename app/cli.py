@@ -1,10 +1,12 @@
-"""The `tmrl` command: fit | finetune | compare | eval | demos | bench | ui.
+"""The `tmrl` command: fit | finetune | compare | runs | eval | demos | bench | ui.
 
     tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
     tmrl fit --config configs/csp_state.yaml --print-config
     tmrl finetune --from-run <run_id> method=dsrl env_steps=50000 seed=1
     tmrl finetune --from-run <run_id> --config configs/tmrl_pointmaze_a.yaml --zero-shot 0,0.25
     tmrl compare --parent <run_id>
+    tmrl compare <finetune run_id> <finetune run_id> ...
+    tmrl runs [--experiment tmrl]
     tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
     tmrl eval --from-run <point-cloud run_id> eval.states=20 eval.rollouts=8 eval.variations=[heldout]
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
@@ -96,10 +98,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    from app import tracking
     from app.compare import compare
-    from app.tracking import TrackingConfig, resolve_uri
 
-    compare(resolve_uri(TrackingConfig(uri=args.uri)), args.parent, args.filter, args.by, args.out)
+    uri = tracking.existing_store(tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri)))
+    tracking.check_reachable(uri)
+    compare(uri, args.parent, args.filter, args.by, args.out, run_ids=args.run_ids)
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from app import tracking
+    from app.runs import runs_table
+
+    uri = tracking.existing_store(tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri)))
+    tracking.check_reachable(uri)
+    name = args.experiment or tracking.TrackingConfig().experiment
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = tracking.experiment_id(client, name, uri)
+    print(runs_table(client, exp_id, f"experiment {name!r} in {uri}"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -193,15 +211,21 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
-    from app.tracking import TrackingConfig, resolve_uri
+    from mlflow.tracking import MlflowClient
 
-    uri = resolve_uri(TrackingConfig(uri=args.uri))
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # a relative sqlite path: make it absolute so the server reads the store this directory uses
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-        if not Path(uri[len("sqlite:///") :]).exists():
-            raise FileNotFoundError(f"no tracking store at {uri}: run `tmrl fit` first, or pass --uri")
-    print(f"[tmrl] MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    from app import tracking
+
+    # a relative sqlite path made absolute: the server reads the store this directory uses
+    uri = tracking.existing_store(tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri)))
+    base = f"http://{args.host}:{args.port}"
+    print(f"[tmrl] MLflow UI for {uri} at {base} (Ctrl-C stops it)")
+    name = args.experiment or tracking.TrackingConfig().experiment
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    if exp is None:
+        print(f"[tmrl] no experiment {name!r} in this store yet (--experiment names another)")
+    else:  # MLflow's home page is its GenAI welcome page: tmrl's runs are one link away
+        print(f"[tmrl] runs of experiment {name!r}: {tracking.runs_page(base, exp.experiment_id)}")
+    sys.stdout.flush()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     cmd += ["--host", args.host, "--port", str(args.port)]
     os.execv(sys.executable, cmd)
@@ -225,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("compare", help="plot the fine-tuning runs of one pre-training run, by method")
-    p.add_argument("--parent", required=True, help="MLflow run id of the `tmrl fit` run")
+    p = sub.add_parser("compare", help="plot fine-tuning runs (given, or of one pre-training run) by method")
+    p.add_argument("run_ids", nargs="*", metavar="ID", help="fine-tuning run ids (`tmrl runs` lists them)")
+    p.add_argument("--parent", default=None, help="instead of IDs: all fine-tuning runs of this fit run")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     example = "\"params.env_steps = '100000'\""
     p.add_argument("--filter", default=None, help=f"MLflow search filter on the children, e.g. {example}")
@@ -298,8 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file would change")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("runs", help="list pre-training runs with their fine-tuning runs beneath them")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: tmrl)")
+    p.set_defaults(func=cmd_runs)
+
     p = sub.add_parser("ui", help="serve the MLflow UI on the configured tracking store")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("--experiment", default=None, help="experiment whose runs page to print (default: tmrl)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)

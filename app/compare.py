@@ -1,11 +1,16 @@
-"""`tmrl compare --parent <fit run>`: fine-tuning runs of one pre-training run, side by side.
+"""`tmrl compare`: fine-tuning runs side by side, by method.
 
-Groups the child runs by method, plots each seed's ``eval/success_rate`` and cumulative training successes
-(``train/successes``: how often exploration reached the goal) against real environment steps with the
-per-method mean and its 95% bootstrap interval over seeds (and the base policy's zero-shot success on the
-same evaluation episodes, dashed), prints the final figures per method, and logs the plot on the parent
-run (so the comparison sits next to the policy it fine-tuned). ``filter`` narrows the children with an
-MLflow search filter, e.g. ``"params.env_steps = '100000'"``.
+The runs are named by id (``tmrl compare ID ...``) or are the children of one pre-training run
+(``--parent``), narrowed by an MLflow search ``filter``, e.g. ``"params.env_steps = '100000'"``. Groups the
+runs by method (split further by the params in ``by``, and by pre-training run when they come from
+several), plots each seed's ``eval/success_rate`` and cumulative training successes (``train/successes``:
+how often exploration reached the goal) against real environment steps with the per-method mean and its
+95% bootstrap interval over seeds (and, for one pre-training run, the base policy's zero-shot success on the
+same evaluation episodes, dashed), and prints the final figures per method.
+
+Runs of ONE pre-training run: the plot and the printed table are logged on it as ``compare/`` artifacts,
+next to the policy they fine-tuned. Runs of several: no run owns the comparison, so nothing is logged and
+the plot is saved locally (``out``, default ``./success_vs_env_steps.png``).
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from app.plots import pyplot
-from app.tracking import PRETRAIN_TAG
+from app.tracking import PRETRAIN_TAG, STAGE_TAG
 
 METRIC = "eval/success_rate"
 BASE = "eval/base_success_rate"
 EXPLORATION = "train/successes"
+PLOT = "compare/success_vs_env_steps.png"  # on the pre-training run, one click from it in the UI
+TABLE = "compare/success_table.txt"
 
 
 def bootstrap_interval(
@@ -43,30 +51,93 @@ def on_grid(runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return grid, np.stack([np.interp(grid, r[:, 0], r[:, 1]) for r in runs])
 
 
-def _group(run, by: Sequence[str]) -> str:
-    """A run's group: its method, then ``key=value`` for each param in ``by`` (e.g. chunk.sigma_max)."""
+def _group(run, by: Sequence[str], with_parent: bool = False) -> str:
+    """A run's group: its method, then ``key=value`` for each param in ``by`` (e.g. chunk.sigma_max), then
+    (``with_parent``) ``@<first 8 characters of its pre-training run's id>``."""
     method = run.data.tags.get("tmrl.method", "?")
-    return " ".join([method, *(f"{key}={run.data.params.get(key, '?')}" for key in by)])
+    parent = [f"@{run.data.tags.get(PRETRAIN_TAG, '?')[:8]}"] if with_parent else []
+    return " ".join([method, *(f"{key}={run.data.params.get(key, '?')}" for key in by), *parent])
 
 
-def child_curves(
-    client: MlflowClient, parent: str, metric: str = METRIC, filter: str | None = None, by: Sequence[str] = ()
-) -> dict[str, list[np.ndarray]]:
-    """{group: [(T, 2) array of (env steps, value) per run]} for the children of ``parent``; a group is the
-    method, split further by the params named in ``by``."""
-    exp = client.get_run(parent).info.experiment_id
-    query = f"tags.`{PRETRAIN_TAG}` = '{parent}'" + (f" and {filter}" if filter else "")
+def _search(client: MlflowClient, exps: list[str], query: str, filter: str | None) -> list[Run]:
+    from mlflow.exceptions import MlflowException
+
+    query += f" and {filter}" if filter else ""
+    try:
+        return list(client.search_runs(exps, filter_string=query, max_results=50000))
+    except MlflowException as err:
+        raise ValueError(f"--filter {filter!r} is not a valid MLflow search filter: {err.message}") from None
+
+
+def _get(client: MlflowClient, run_id: str, uri: str) -> Run:
     from mlflow.exceptions import MlflowException
 
     try:
-        runs = client.search_runs([exp], filter_string=query, max_results=1000)
-    except MlflowException as err:
-        raise ValueError(f"--filter {filter!r} is not a valid MLflow search filter: {err.message}") from None
+        return client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"run {run_id!r} does not exist in the tracking store {uri}") from None
+
+
+def _name(client: MlflowClient, run_id: str) -> str:
+    """A run's name, or "?" for a run that is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.run_name or "?"
+    except MlflowException:
+        return "?"
+
+
+def select_runs(
+    client: MlflowClient,
+    uri: str,
+    parent: str | None = None,
+    run_ids: Sequence[str] = (),
+    filter: str | None = None,
+) -> list[Run]:
+    """The fine-tuning runs to compare: ``run_ids`` (each checked: it exists and is a fine-tuning run) or
+    the children of pre-training run ``parent``, narrowed by ``filter``."""
+    if bool(parent) == bool(run_ids):
+        raise ValueError(
+            "give either fine-tuning run ids (`tmrl compare ID ...`) or --parent <fit run id>, not both"
+        )
+    if parent:
+        fit = _get(client, parent, uri)
+        stage = fit.data.tags.get(STAGE_TAG)
+        if stage != "pretrain":
+            raise ValueError(
+                f"--parent {parent!r} is not a pre-training run (its {STAGE_TAG} tag is {stage!r})"
+            )
+        return _search(client, [fit.info.experiment_id], f"tags.`{PRETRAIN_TAG}` = '{parent}'", filter)
+    runs = [_get(client, i, uri) for i in dict.fromkeys(run_ids)]
+    for run in runs:
+        stage = run.data.tags.get(STAGE_TAG)
+        if stage == "pretrain":
+            raise ValueError(
+                f"run {run.info.run_id!r} ({run.info.run_name}) is a pre-training run, not a fine-tuning "
+                f"one: pass its fine-tuning runs (`tmrl runs` lists them) or `--parent {run.info.run_id}`"
+            )
+        if stage != "finetune":
+            raise ValueError(
+                f"run {run.info.run_id!r} is not a fine-tuning run (its {STAGE_TAG} tag is {stage!r})"
+            )
+    if not filter:
+        return runs
+    ids = ", ".join(f"'{r.info.run_id}'" for r in runs)
+    return _search(
+        client, sorted({r.info.experiment_id for r in runs}), f"attributes.run_id IN ({ids})", filter
+    )
+
+
+def run_curves(
+    client: MlflowClient, runs: Sequence[Run], metric: str, by: Sequence[str] = (), with_parent: bool = False
+) -> dict[str, list[np.ndarray]]:
+    """{group: [(T, 2) array of (env steps, value) per run]} of the ``runs`` that logged ``metric``."""
     curves: dict[str, list[np.ndarray]] = defaultdict(list)
     for run in runs:
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
         if history:
-            curves[_group(run, by)].append(np.asarray(history, dtype=np.float64))
+            curves[_group(run, by, with_parent)].append(np.asarray(history, dtype=np.float64))
     return dict(curves)
 
 
@@ -136,40 +207,71 @@ def plot_curves(
 
 
 def compare(
-    uri: str, parent: str, filter: str | None = None, by: Sequence[str] = (), out: str | None = None
+    uri: str,
+    parent: str | None = None,
+    filter: str | None = None,
+    by: Sequence[str] = (),
+    out: str | None = None,
+    run_ids: Sequence[str] = (),
 ) -> dict[str, tuple[float, float, int]]:
-    """Plot and log the comparison (and copy the plot to ``out``); returns {group: (mean final success,
-    std, seeds)}."""
+    """Compare the fine-tuning runs ``run_ids`` or the children of ``parent`` (``select_runs``): print the
+    figures, log the plot and table on their pre-training run if they share one, save the plot to ``out``
+    (for runs of several pre-training runs: ``out`` or ``./success_vs_env_steps.png``). Returns {group:
+    (mean final success, std, seeds)}."""
     client = MlflowClient(tracking_uri=uri)
-    curves = child_curves(client, parent, METRIC, filter, by)
+    runs = select_runs(client, uri, parent, run_ids, filter)
+    parents = sorted({r.data.tags.get(PRETRAIN_TAG, "?") for r in runs})
+    shared = parents[0] if len(parents) == 1 else None
+    curves = run_curves(client, runs, METRIC, by, with_parent=shared is None)
     if not curves:
+        what = f"run {parent!r} has no fine-tuning runs" if parent else "none of these runs has evaluations"
         where = f" matching {filter!r}" if filter else ""
-        raise ValueError(f"run {parent!r} has no fine-tuning runs{where} with {METRIC} in {uri}")
-    explored = child_curves(client, parent, EXPLORATION, filter, by)
-    bases = [r[0, 1] for runs in child_curves(client, parent, BASE, filter, by).values() for r in runs]
-    summary = {}
-    for method, runs in sorted(curves.items()):
-        finals = np.array([r[-1, 1] for r in runs])
+        raise ValueError(f"{what}{where} with {METRIC} in {uri}")
+    explored = run_curves(client, runs, EXPLORATION, by, with_parent=shared is None)
+    skipped = len(runs) - sum(len(c) for c in curves.values())
+    if skipped:
+        print(f"[tmrl] {skipped} of {len(runs)} runs have no {METRIC} yet and are left out")
+    report, summary = [], {}
+    for method, group in sorted(curves.items()):
+        finals = np.array([r[-1, 1] for r in group])
         low, high = bootstrap_interval(finals[:, None])[:, 0]
-        summary[method] = (float(finals.mean()), float(finals.std()), len(runs))
-        steps = int(min(r[-1, 0] for r in runs))
+        summary[method] = (float(finals.mean()), float(finals.std()), len(group))
+        steps = int(min(r[-1, 0] for r in group))
         found = [int(r[-1, 1]) for r in explored.get(method, [])]
-        print(
+        report.append(
             f"[tmrl] {method:12s} final success {finals.mean():6.1%} +- {finals.std():5.1%} "
-            f"(95% bootstrap interval {low:.0%}-{high:.0%}; {len(runs)} seeds, >= {steps} env steps); "
+            f"(95% bootstrap interval {low:.0%}-{high:.0%}; {len(group)} seeds, >= {steps} env steps); "
             f"training successes per seed {found}"
         )
-    print(success_table(curves))
-    base = float(np.mean(bases)) if bases else None
-    if base is not None:
-        print(f"[tmrl] base policy alone on the same evaluation episodes: {base:.1%} ({len(bases)} runs)")
+    report.append(success_table(curves))
+    base = None
+    if shared is not None:  # the base policy alone: one line only when every run fine-tunes the same one
+        bases = [r[0, 1] for rs in run_curves(client, runs, BASE).values() for r in rs]
+        base = float(np.mean(bases)) if bases else None
+        if base is not None:
+            report.append(
+                f"[tmrl] base policy alone on the same evaluation episodes: {base:.1%} ({len(bases)} runs)"
+            )
+    print("\n".join(report))
+    title = f"fine-tuning from {len(parents)} pre-training runs"
+    if shared is not None:
+        title = f"fine-tuning from {_name(client, shared)} ({shared[:8]})"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "finetune_comparison.png"
-        plot = plot_curves(curves, f"fine-tuning from {parent[:8]}", path, explored, base)
-        client.log_artifact(parent, str(plot), "plots")
+        plot = plot_curves(curves, title, Path(tmp) / Path(PLOT).name, explored, base)
+        if shared is not None:
+            table = Path(tmp) / Path(TABLE).name
+            ids = "\n".join(f"{r.info.run_id} {r.info.run_name}" for r in runs)
+            table.write_text("\n".join(report) + f"\n\nruns compared:\n{ids}\n")
+            for path in (plot, table):
+                client.log_artifact(shared, str(path), str(Path(PLOT).parent))
+            print(
+                f"[tmrl] logged {PLOT} and {TABLE} on pre-training run {shared} (its Artifacts tab in the UI)"
+            )
+        else:
+            out = out or Path(PLOT).name
+            print(f"[tmrl] runs of {len(parents)} pre-training runs: nothing logged (no run owns the plot)")
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_bytes(plot.read_bytes())
-            print(f"[tmrl] plot copied to {out}")
-    print(f"[tmrl] logged plots/finetune_comparison.png on run {parent}")
+            print(f"[tmrl] plot saved to {out}")
     return summary

@@ -268,6 +268,21 @@ def find_checkpoint(client, cfg: FinetuneConfig, run_dir: Path) -> tuple[Path, d
     return max(found, key=lambda f: f[1]["counters"]["env_steps"])
 
 
+def run_name(cfg: FinetuneConfig) -> str:
+    """A fine-tuning run's name in the MLflow UI when ``tracking.run_name`` is unset: stage, method, target
+    and seed, e.g. ``finetune tmrl pointmaze-large task 1 seed 2``, ``finetune sac pointmaze-large from 1,4
+    to 7,6 seed 0``, ``finetune dsrl cube-single heldout seed 1``."""
+    target = cfg.task
+    if target.task.name.endswith("cube"):  # the cube tasks take a variation, the mazes cells or a task id
+        where = [target.variation]
+    else:
+        where = [f"task {target.task_id}"] if target.task_id is not None else []
+        for word, cell in (("from", target.init_ij), ("to", target.goal_ij)):
+            if cell is not None:
+                where.append(f"{word} {','.join(str(c) for c in cell)}")
+    return " ".join(["finetune", cfg.method, target.env, *where, f"seed {cfg.seed}"])
+
+
 def finetune(cfg: FinetuneConfig, from_run: str) -> str:
     """Fine-tune the CSP policy of run ``from_run`` with ``cfg.method``; returns the new run's id.
 
@@ -292,6 +307,7 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
             stage="finetune",
             tags={tracking.PRETRAIN_TAG: from_run, "tmrl.method": cfg.method},
             parent_run_id=from_run,
+            name=run_name(cfg),
         )
     run_dir = Path(cfg.output_dir) / run_id
     log = tracking.RunLog(client, run_id, run_dir)
@@ -304,6 +320,7 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
         if ckpt is None:
             state = LoopState()
             tracking.log_params(client, run_id, {**flatten(cfg), "from_run": from_run})
+            tracking.copy_datasets(client, from_run, run_id, context="pre-training")  # the base's data
             client.log_text(run_id, to_yaml(cfg), "config.yaml")
         else:
             state = restore(path, ckpt, p.loss, p.optimizers, p.buffer, run_dir / "replay")

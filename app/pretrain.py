@@ -271,6 +271,11 @@ def fit_task(cfg: FitConfig) -> Task:
     return task_of_fit(cfg.policy.context_mode, cfg.demos.env)
 
 
+def run_name(cfg: FitConfig) -> str:
+    """A fit's name in the MLflow UI when ``tracking.run_name`` is unset: ``fit pointmaze-large seed 0``."""
+    return f"fit {cfg.demos.env} seed {cfg.seed}"
+
+
 def fit(cfg: FitConfig) -> str:
     """Pre-train a CSP policy as configured; returns the MLflow run id."""
     L.seed_everything(cfg.seed, workers=True)
@@ -300,9 +305,9 @@ def fit(cfg: FitConfig) -> str:
     else:
         client = tracking.client_for(cfg.tracking)  # (a sqlite store is created here, after the checks)
         if run_id is None:  # a new fit
-            _, run_id = tracking.start_run(
-                cfg.tracking, stage="pretrain", tags={tracking.DATASET_TAG: store.fingerprint}
-            )
+            tags = {tracking.DATASET_TAG: store.fingerprint}
+            _, run_id = tracking.start_run(cfg.tracking, stage="pretrain", tags=tags, name=run_name(cfg))
+            tracking.log_dataset(client, run_id, store, context="training")  # the UI's Dataset column
             tracking.log_params(client, run_id, {**flatten(cfg), "data.fingerprint": store.fingerprint})
             client.log_text(run_id, to_yaml(cfg), "config.yaml")
             if IMAGE in policy.input_keys:

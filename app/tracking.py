@@ -131,6 +131,78 @@ def ensure_experiment(client: MlflowClient, cfg: TrackingConfig) -> str:
     return client.create_experiment(cfg.experiment, artifact_location=location)
 
 
+def existing_store(uri: str) -> str:
+    """``uri`` for a command that only reads the store (ui, runs, compare): a sqlite path made absolute (a
+    server started elsewhere reads the same file), refused if that file does not exist (MLflow would
+    create an empty store there). Other URIs are returned as they are."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path = Path(uri[len("sqlite:///") :]).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"no tracking store at sqlite:///{path}: run `tmrl fit` first, or pass --uri")
+    return f"sqlite:///{path}"
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment ``name``, refused naming the experiments the store holds."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(
+            f"no experiment {name!r} in {uri} (it holds {names}); pass --experiment, or run `tmrl fit` "
+            f"with tracking.experiment={name}"
+        )
+    return exp.experiment_id
+
+
+def runs_page(base_url: str, exp_id: str) -> str:
+    """The MLflow UI's runs table of experiment ``exp_id`` (the model-training view, not the GenAI one)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def artifact_page(base_url: str, exp_id: str, run_id: str, path: str) -> str:
+    """The MLflow UI's view of artifact ``path`` of run ``run_id``."""
+    return f"{base_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}/artifacts/{path}"
+
+
+def log_dataset(client: MlflowClient, run_id: str, store, context: str = "training") -> None:
+    """Log episode store ``store`` (an ``EpisodeStore``) as an MLflow dataset input of the run: name = the
+    store's folder name, digest = its content fingerprint (cut to MLflow's 36 characters; the whole one is
+    the ``tmrl.dataset_fingerprint`` tag), source = its absolute path, schema = one tensor per key
+    (rows = steps), profile = episode and step counts and the env; shown in the UI's Dataset column."""
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    specs = []
+    for key in store.keys:
+        array = store.array(key)
+        specs.append(TensorSpec(np.dtype(array.dtype), (-1, *array.shape[1:]), key))
+    profile = {"episodes": store.num_episodes, "steps": store.num_steps, "env": store.attrs.get("env")}
+    dataset = Dataset(
+        name=Path(store.path).name,
+        digest=store.fingerprint[:36],
+        source_type="local",
+        source=json.dumps({"uri": str(Path(store.path).resolve())}),
+        schema=json.dumps(TensorDatasetSchema(features=Schema(specs)).to_dict()),
+        profile=json.dumps(profile),
+    )
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+def copy_datasets(client: MlflowClient, src_run: str, dst_run: str, context: str) -> None:
+    """Log the dataset inputs of run ``src_run`` on run ``dst_run`` too, under ``context``."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = client.get_run(src_run).inputs.dataset_inputs
+    if inputs:
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        client.log_inputs(dst_run, [DatasetInput(i.dataset, tags) for i in inputs])
+
+
 def git_commit() -> str | None:
     """The commit of the code that runs (with '-dirty' if the tree has changes), or None outside git."""
     root = Path(__file__).resolve().parents[1]
@@ -147,9 +219,14 @@ def git_commit() -> str | None:
 
 
 def start_run(
-    cfg: TrackingConfig, stage: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None
+    cfg: TrackingConfig,
+    stage: str,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    name: str | None = None,
 ) -> tuple[MlflowClient, str]:
-    """Create a run (status RUNNING) tagged with the stage and git commit; returns (client, run_id)."""
+    """Create a run (status RUNNING) tagged with the stage and git commit, named ``tracking.run_name`` or
+    else ``name`` (the stage's descriptive default); returns (client, run_id)."""
     client = client_for(cfg)
     # a child run lives in its parent's experiment, or the UI cannot nest it
     exp_id = (
@@ -161,7 +238,7 @@ def start_run(
         all_tags[GIT_COMMIT_TAG] = commit
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=cfg.run_name, tags=all_tags)
+    run = client.create_run(exp_id, run_name=cfg.run_name or name, tags=all_tags)
     return client, run.info.run_id
 
 

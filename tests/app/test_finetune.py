@@ -203,8 +203,8 @@ def test_compare_plots_every_method_on_the_parent(store, tmp_path, capsys):
     assert "matching" in capsys.readouterr().err
     assert main(["compare", "--parent", parent, "--filter", "params.method IN ('a')"]) == 2
     assert "not a valid MLflow search filter" in capsys.readouterr().err
-    files = {f.path for f in MlflowClient(uri).list_artifacts(parent, "plots")}
-    assert "plots/finetune_comparison.png" in files
+    files = {f.path for f in MlflowClient(uri).list_artifacts(parent, "compare")}
+    assert "compare/success_vs_env_steps.png" in files
 
 
 def test_finetune_resumes_its_run_from_the_checkpoint(store, tmp_path, capsys):

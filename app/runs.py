@@ -1,0 +1,98 @@
+"""`tmrl runs`: an experiment's pre-training runs, newest first, each with its fine-tuning runs beneath it.
+
+One plain-text line per run: its id (to pass to `tmrl finetune --from-run`, `tmrl compare`), method, seed,
+environment steps reached of its budget, last evaluation success, status, start time and name. A store
+without the experiment is refused (``tracking.experiment_id`` names the experiments it holds); an
+experiment without runs says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from app.tracking import PRETRAIN_TAG, STAGE_TAG
+
+SUCCESS = "eval/success_rate"  # a fine-tuning run's success on its fixed evaluation episodes
+ZERO_SHOT = "eval/success_sigma_0"  # a pre-training run's zero-shot success at sigma 0
+HEADER = ("run id", "method", "seed", "env steps", "success", "status", "started", "name")
+WIDTHS = (36, 12, 6, 13, 9, 10, 18, 0)  # the name, last, takes what it needs
+
+
+def all_runs(client: MlflowClient, exp_id: str) -> list[Run]:
+    """Every active run of the experiment, newest first, page by page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp_id], order_by=["attributes.start_time DESC"], max_results=1000, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _steps(client: MlflowClient, run: Run) -> str:
+    """``reached/budget`` env steps: the step of the last evaluation, of the run's ``env_steps``."""
+    history = client.get_metric_history(run.info.run_id, SUCCESS)
+    reached = str(max(m.step for m in history)) if history else "0"
+    return f"{reached}/{run.data.params.get('env_steps', '?')}"
+
+
+def _line(cells: tuple[str, ...]) -> str:
+    return "".join(f"{c:<{w}s}" if w else c for c, w in zip(cells, WIDTHS, strict=True)).rstrip()
+
+
+def _row(client: MlflowClient, run: Run, indent: str) -> str:
+    info, data = run.info, run.data
+    finetune = data.tags.get(STAGE_TAG) == "finetune"
+    success = data.metrics.get(SUCCESS if finetune else ZERO_SHOT)
+    started = datetime.datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+    cells = (
+        indent + info.run_id,
+        data.tags.get("tmrl.method", "?") if finetune else "fit",
+        data.params.get("seed", "?"),
+        _steps(client, run) if finetune else "-",
+        "-" if success is None else f"{success:.0%}",
+        info.status,
+        started,
+        info.run_name or "",
+    )
+    return _line(cells)
+
+
+def runs_table(client: MlflowClient, exp_id: str, where: str) -> str:
+    """The table of experiment ``exp_id`` (``where`` names it and its store in the first line)."""
+    runs = all_runs(client, exp_id)
+    fits = [r for r in runs if r.data.tags.get(STAGE_TAG) == "pretrain"]
+    children: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        if r.data.tags.get(STAGE_TAG) == "finetune":
+            children[r.data.tags.get(PRETRAIN_TAG, "")].append(r)
+    tuned = sum(len(c) for c in children.values())
+    if not fits and not tuned:
+        return f"[tmrl] {where} has no runs yet; start with `tmrl fit --config configs/quickstart.yaml`"
+    counts = (
+        f"{len(fits)} pre-training run{'s' * (len(fits) != 1)}, {tuned} fine-tuning run{'s' * (tuned != 1)}"
+    )
+    lines = [f"[tmrl] {where}: {counts}", _line(HEADER)]
+
+    def order(r: Run) -> tuple:
+        return r.data.tags.get("tmrl.method", ""), int(r.data.params.get("seed", 0)), r.info.start_time
+
+    for fit in fits:
+        lines.append(_row(client, fit, ""))
+        lines += [_row(client, c, "  ") for c in sorted(children.pop(fit.info.run_id, []), key=order)]
+    orphans = sorted((c for cs in children.values() for c in cs), key=order)
+    if orphans:  # their pre-training run was deleted, or lives in another experiment
+        lines.append("fine-tuning runs whose pre-training run is not in this experiment:")
+        lines += [_row(client, c, "  ") for c in orphans]
+    others = len(runs) - len(fits) - tuned
+    if others:
+        lines.append(f"({others} runs of other tools not shown: no {STAGE_TAG} tag)")
+    lines.append(f"success: the last {SUCCESS} (fine-tuning), the zero-shot {ZERO_SHOT} (pre-training)")
+    lines.append("compare: `tmrl compare --parent <fit run id>` or `tmrl compare <fine-tuning run id> ...`")
+    return "\n".join(lines)
