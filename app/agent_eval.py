@@ -48,6 +48,8 @@ class EpisodeTrace:
     success: bool
     chunk_starts: np.ndarray  # (C,) int64: the env step at which each chunk began (0, H, 2H, ...)
     sigma_per_chunk: np.ndarray | None  # (C,) float32: the sigma the agent chose (tmrl); None: no choice
+    # (T + 1, nq) the simulator state per step where the backend gives it (``scene(k)``: the cube's qpos)
+    scene: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -86,6 +88,10 @@ class _Recorder:
         n = backend.num_envs
         self.paths: list[list[np.ndarray]] = [[] for _ in range(n)]
         self.goals: np.ndarray | None = None  # (N, d) each row's goal at the first full reset
+        # per row, the simulator state per step, where the backend can say it (a video replays it)
+        self.scenes: list[list[np.ndarray]] | None = (
+            [[] for _ in range(n)] if hasattr(backend, "scene") else None
+        )
         self.live, self.success = np.zeros(n, bool), np.zeros(n, bool)
 
     def __getattr__(self, name: str):  # every attribute and method but the two below: the backend's
@@ -95,6 +101,8 @@ class _Recorder:
         self.inner.reset(mask, *args, **kw)
         if mask is None:  # ``evaluate``'s reset: the fixed episodes begin
             self.paths = [[ob.copy()] for ob in self.inner.observation]
+            if self.scenes is not None:
+                self.scenes = [[self.inner.scene(k)] for k in range(len(self.paths))]
             # the maze keeps its goal's xy apart from the policy's goal input (empty on the visual maze)
             self.goals = getattr(self.inner, "goal_pos", self.inner.goal).copy()
             self.live[:], self.success[:] = True, False
@@ -103,6 +111,8 @@ class _Recorder:
         out = self.inner.step(actions, mask)
         for k in np.flatnonzero(mask & self.live):
             self.paths[k].append(self.inner.observation[k].copy())
+            if self.scenes is not None:
+                self.scenes[k].append(self.inner.scene(k))
             if out["terminated"][k] or out["truncated"][k]:
                 self.live[k], self.success[k] = False, bool(out["success"][k])
         return out
@@ -177,5 +187,7 @@ def evaluate_agent(agent: RebuiltAgent, mode: str) -> AgentEval:
         sigma = None
         if chunks:
             sigma = np.array([float(s[k]) for _, s, live in chunks if live[k]], np.float32)  # (C,)
-        traces.append(EpisodeTrace(k, mode, observations, rec.goals[k], bool(rec.success[k]), starts, sigma))
+        scene = None if rec.scenes is None else np.stack(rec.scenes[k])
+        trace = EpisodeTrace(k, mode, observations, rec.goals[k], bool(rec.success[k]), starts, sigma, scene)
+        traces.append(trace)
     return AgentEval(mode, rec.success.copy(), traces)

@@ -1,4 +1,4 @@
-"""The `tmrl` command: fit | finetune | compare | runs | eval | demos | bench | ui.
+"""The `tmrl` command: fit | finetune | compare | runs | eval | demos | bench | report | ui.
 
     tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
     tmrl fit --config configs/csp_state.yaml --print-config
@@ -7,12 +7,14 @@
     tmrl compare --parent <run_id>
     tmrl compare <finetune run_id> <finetune run_id> ...
     tmrl runs [--experiment tmrl]
-    tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1]
+    tmrl eval --from-run <run_id> eval.episodes_per_task=10 eval.sigmas=[0,0.25,0.5,0.75,1] --videos 2
     tmrl eval --from-run <point-cloud run_id> eval.states=20 eval.rollouts=8 eval.variations=[heldout]
     tmrl demos --env pointmaze-large --episodes 300 --out data/pointmaze-large.zarr
     tmrl demos --env cube-single --episodes 4 --episode-length 200 --out data/cube.zarr
     tmrl bench pretrain --config configs/csp_state.yaml
     tmrl bench finetune --config configs/tmrl_cube.yaml --policy-config configs/csp_pointcloud.yaml
+    tmrl bench all --out docs/bench.md
+    tmrl report --uri sqlite:///docs/evidence/mlflow.db --file docs/RESULTS.md --check
     tmrl ui --port 5000
 
 Errors in what the user gave (config keys and values, paths, run ids, an unreachable tracking server) are
@@ -125,14 +127,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from app.eval_run import eval_run
 
     uri = tracking.resolve_uri(tracking.TrackingConfig(uri=args.uri))
-    result = eval_run(uri, args.from_run, args.overrides, args.out, log=not args.no_log)
+    result = eval_run(uri, args.from_run, args.overrides, args.out, log=not args.no_log, videos=args.videos)
     for line in result.lines:
         print(line)
     print(f"[tmrl] eval of {result.stage} run {args.from_run} (95% bootstrap interval over initial states):")
     for line in result.table.lines():
         print(line)
     where = "not logged (--no-log)" if args.no_log else f"logged to run {args.from_run} under eval/"
-    print(f"[tmrl] table.csv and plots in {result.out}; {where}")
+    films = f", {len(result.videos)} videos in videos/" if result.videos else ""
+    print(f"[tmrl] table.csv and plots{films} in {result.out}; {where}")
 
 
 def cmd_demos(args: argparse.Namespace) -> None:
@@ -266,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--out", default=None, help="where plots go (default: <output_dir>/<run_id>/eval)")
     p.add_argument("--no-log", action="store_true", help="print and write to --out only; log nothing")
+    p.add_argument(
+        "--videos", type=int, default=1, metavar="N",
+        help="MP4 videos of N successful and N failed episodes per sigma (or agent mode); 0: none",
+    )  # fmt: skip
     example = "eval.episodes_per_task=10 eval.rollouts=4 (cube: eval.states=20; fine-tuned: eval.episodes=50)"
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
     p.set_defaults(func=cmd_eval)

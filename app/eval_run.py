@@ -9,8 +9,10 @@ Every estimate comes with its 95% percentile-bootstrap interval over initial sta
 which names the metrics). Logged to the run without touching its status: the metrics (a pre-training run's
 at the step of its last evaluation, so the UI shows the re-evaluation as their latest value, the history
 keeping the fit's; a fine-tuning run's at its checkpoint's env steps), ``eval/table.csv``,
-``eval/eval_config.yaml`` (the settings evaluated) and the plots under ``eval/``. ``overrides`` are
-``key=value`` pairs on the run's stored config (``eval.*``).
+``eval/eval_config.yaml`` (the settings evaluated), the plots under ``eval/`` and the rollout videos under
+``eval/videos/`` (``app.eval_videos``: ``videos`` successes and failures per sigma or per mode; a TMRL
+agent's with its chosen sigma drawn under the frames). ``overrides`` are ``key=value`` pairs on the run's
+stored config (``eval.*``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from app import tracking
 from app.agent_eval import MODES, EpisodeTrace, evaluate_agent, rebuild_agent
 from app.config import load_config, to_yaml
+from app.eval_videos import trace_replays
 from app.evaluation import EvalTable, agent_row, plot_agent_success, plot_success_at_k
 
 FINETUNE = "finetune"  # the stage tag of `tmrl finetune` runs (app.finetune's start_run)
@@ -45,6 +48,7 @@ class RunEval:
     plots: list[Path] = field(default_factory=list)
     traces: dict[str, list[EpisodeTrace]] = field(default_factory=dict)
     step: int = 0  # the step the metrics were (or would be) logged at
+    videos: list[Path] = field(default_factory=list)  # the MP4 files under ``out/videos``
 
 
 def _get_run(client: MlflowClient, uri: str, run_id: str):
@@ -64,19 +68,27 @@ def _download(uri: str, run_id: str, artifact: str, dst: str) -> Path | None:
 
 
 def eval_run(
-    uri: str, run_id: str, overrides: list[str] | None = None, out: str | Path | None = None, log: bool = True
+    uri: str,
+    run_id: str,
+    overrides: list[str] | None = None,
+    out: str | Path | None = None,
+    log: bool = True,
+    videos: int = 1,
 ) -> RunEval:
-    """Evaluate run ``run_id`` of the tracking store ``uri`` (module docstring); plots and ``table.csv``
-    go to ``out`` (default ``<output_dir>/<run_id>/eval``); ``log``: log them and the metrics to the run.
-    ValueError naming the run if it does not exist or is neither a pre-training nor a fine-tuning run."""
+    """Evaluate run ``run_id`` of the tracking store ``uri`` (module docstring); plots, ``table.csv`` and
+    ``videos/`` go to ``out`` (default ``<output_dir>/<run_id>/eval``); ``log``: log them and the metrics to
+    the run; ``videos``: successes and failures filmed per sigma or mode (0: none). ValueError naming the
+    run if it does not exist or is neither a pre-training nor a fine-tuning run."""
+    if isinstance(videos, bool) or not isinstance(videos, int) or videos < 0:
+        raise ValueError(f"--videos {videos!r}: expected an integer >= 0 (episodes per outcome)")
     tracking.check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     run = _get_run(client, uri, run_id)
     stage = run.data.tags.get(tracking.STAGE_TAG)
     if stage == "pretrain":
-        result = _eval_pretrain(client, uri, run, overrides or [], out)
+        result = _eval_pretrain(client, uri, run, overrides or [], out, videos)
     elif stage == FINETUNE:
-        result = _eval_finetune(uri, run, overrides or [], out)
+        result = _eval_finetune(uri, run, overrides or [], out, videos)
     else:
         raise ValueError(
             f"run {run_id!r} is not a CSP pre-training run nor a fine-tuning run (its {tracking.STAGE_TAG} "
@@ -87,7 +99,23 @@ def eval_run(
         tracking.log_metrics(client, run_id, result.table.metrics(), result.step)
         for path in (csv, *result.plots, result.out / "eval_config.yaml"):
             client.log_artifact(run_id, str(path), "eval")
+        for path in result.videos:
+            client.log_artifact(run_id, str(path), "eval/videos")
     return result
+
+
+def _film(task, env: str, replays: list, out: Path, per_outcome: int, sigma_max: float | None, lines):
+    """The videos of ``replays`` under ``out/videos`` (none if ``per_outcome`` is 0); a note in ``lines``
+    when the task cannot film them."""
+    from app.eval_videos import write_videos
+    from app.tasks.base import pick_replays
+
+    if not per_outcome:
+        return []
+    files, note = write_videos(task, env, pick_replays(replays, per_outcome), out / "videos", sigma_max)
+    if note:
+        lines.append(f"[tmrl] {note}")
+    return files
 
 
 def _last_eval_step(client: MlflowClient, run, names: list[str]) -> int:
@@ -97,7 +125,7 @@ def _last_eval_step(client: MlflowClient, run, names: list[str]) -> int:
     return max(steps, default=0)
 
 
-def _eval_pretrain(client: MlflowClient, uri: str, run, overrides: list[str], out) -> RunEval:
+def _eval_pretrain(client: MlflowClient, uri: str, run, overrides: list[str], out, videos: int) -> RunEval:
     from app.tasks.registry import task_of_fit
     from modules.nets.policy import CSPPolicy
 
@@ -117,10 +145,13 @@ def _eval_pretrain(client: MlflowClient, uri: str, run, overrides: list[str], ou
     plot = plot_success_at_k(report.table, out / "success_at_k.png", title)
     (out / "eval_config.yaml").write_text(to_yaml(cfg.eval))
     step = _last_eval_step(client, run, list(report.table.metrics()))
-    return RunEval(run_id, "pretrain", report.table, out, report.lines, [*report.plots, plot], step=step)
+    lines = list(report.lines)
+    films = _film(task, getattr(cfg.eval, "env", None) or env, report.replays, out, videos, None, lines)
+    plots = [*report.plots, plot]
+    return RunEval(run_id, "pretrain", report.table, out, lines, plots, step=step, videos=films)
 
 
-def _eval_finetune(uri: str, run, overrides: list[str], out) -> RunEval:
+def _eval_finetune(uri: str, run, overrides: list[str], out, videos: int) -> RunEval:
     from app.finetune_config import FinetuneConfig
 
     run_id = run.info.run_id
@@ -147,4 +178,7 @@ def _eval_finetune(uri: str, run, overrides: list[str], out) -> RunEval:
     plot = plot_agent_success(table, out / "success.png", title)
     (out / "eval_config.yaml").write_text(to_yaml(cfg.eval))
     traces = {mode: e.traces for mode, e in evals.items()}
-    return RunEval(run_id, FINETUNE, table, out, [], [plot], traces, agent.env_steps)
+    lines: list[str] = []
+    sigma_max = cfg.chunk.sigma_max
+    films = _film(cfg.task.task, cfg.task.env, trace_replays(traces, videos), out, videos, sigma_max, lines)
+    return RunEval(run_id, FINETUNE, table, out, lines, [plot], traces, agent.env_steps, films)

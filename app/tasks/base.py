@@ -59,14 +59,46 @@ class Backend(Protocol):
 
 
 @dataclass
+class Replay:
+    """One recorded evaluation episode, as the task's renderer replays it into a video
+    (:meth:`Task.render_replay`).
+
+    ``path`` is what the task records per step: (T, 2) xy positions on the maze, (T, nq) simulator ``qpos`` on
+    the cube; ``goal`` where the goal marker goes ((2,) xy, (3,) cube centre). ``sigma`` (T,): the context
+    noise level of each step's action when a fine-tuned agent chose it (drawn under the frames), else None.
+    """
+
+    label: str  # file stem and caption, e.g. "sigma_0.5_state_3_rollout_0_success"
+    success: bool
+    path: np.ndarray
+    goal: np.ndarray
+    sigma: np.ndarray | None = None
+    group: str = ""  # what it is one of, e.g. "sigma_0.5" or "deterministic": videos are chosen per group
+    title: str = ""  # the caption (about 20 characters fit a frame), e.g. "sigma 0.5 s3 r0 ok"; "": the label
+
+
+def pick_replays(replays: Sequence[Replay], per_outcome: int) -> list[Replay]:
+    """The first ``per_outcome`` successes and failures of each group, in the order given."""
+    kept, seen = [], {}
+    for r in replays:
+        key = (r.group, r.success)
+        if seen.get(key, 0) < per_outcome:
+            seen[key] = seen.get(key, 0) + 1
+            kept.append(r)
+    return kept
+
+
+@dataclass
 class ZeroShot:
-    """A zero-shot evaluation's outcome: MLflow metrics, printable lines, the plots written and the table
-    of estimates (success rate and Success@k with their intervals) the metrics come from."""
+    """A zero-shot evaluation's outcome: MLflow metrics, printable lines, the plots written, the table
+    of estimates (success rate and Success@k with their intervals) the metrics come from, and episodes
+    a video can be made of (a few successes and failures per sigma where the task records them)."""
 
     metrics: dict[str, float]
     lines: list[str]
     table: EvalTable
     plots: list[Path] = field(default_factory=list)
+    replays: list[Replay] = field(default_factory=list)
 
 
 class Task(ABC):
@@ -135,6 +167,11 @@ class Task(ABC):
     ) -> ZeroShot:
         """Evaluate ``policy`` zero-shot as ``cfg.eval`` says (``env``: the demonstrations' env, if known),
         writing its plots under ``out``."""
+
+    def render_replay(self, env: str, replay: Replay, size: int = 128, every: int = 1) -> np.ndarray:
+        """(T', size, size, 3) uint8 frames of ``replay`` (steps ``::every``) in ``env``; a task without a
+        renderer raises NotImplementedError (``tmrl eval`` then writes no videos and says so)."""
+        raise NotImplementedError(f"the {self.name} task has no replay renderer")
 
     def check_policy(self, policy: CSPPolicy, env: str, who: str) -> None:
         """Refuse a policy whose context or sizes do not fit ``env`` (``who`` names it in the message)."""

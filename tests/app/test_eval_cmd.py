@@ -198,3 +198,49 @@ def test_runs_that_cannot_be_evaluated_are_refused_naming_them(runs, capsys):
     assert f"fine-tuning run {empty!r} has no config.yaml, agent checkpoint" in capsys.readouterr().err
     assert main(["eval", "--from-run", "0123456789abcdef", "--uri", uri]) == 2
     assert "'0123456789abcdef' does not exist" in capsys.readouterr().err
+
+
+def _frames(path) -> np.ndarray:
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        return np.stack(list(reader.iter_data()))
+    finally:
+        reader.close()
+
+
+def test_a_pretraining_evaluation_films_a_success_and_a_failure_per_sigma(runs, tmp_path):
+    _, uri, fit, _ = runs
+    client = MlflowClient(uri)
+    result = eval_run(uri, fit, ["eval.sigmas=[0,1]", "eval.rollouts=2"], tmp_path / "ev", videos=1)
+    expected = []
+    for sigma in (0, 1):  # one video per outcome that occurred at that sigma
+        rate = result.table.metrics()[f"eval/success_sigma_{sigma}"]
+        expected += [f"sigma_{sigma}" for ok in (rate > 0, rate < 1) if ok]
+    names = sorted(p.name for p in result.videos)
+    assert sorted(n.split("_state")[0] for n in names) == sorted(expected)
+    assert all(("_success" in n) != ("_failure" in n) for n in names)
+    logged = {f.path for f in client.list_artifacts(fit, "eval/videos")}
+    assert {f"eval/videos/{n}" for n in names} <= logged  # (earlier evaluations of the run logged theirs)
+    frames = _frames(result.videos[0])
+    assert frames.shape[1:] == (128, 128, 3) and 1 < len(frames) <= 250  # no sigma strip: no agent chose
+    assert eval_run(uri, fit, ["eval.sigmas=[0]"], tmp_path / "none", log=False, videos=0).videos == []
+    with pytest.raises(ValueError, match="--videos -1"):
+        eval_run(uri, fit, [], tmp_path / "bad", log=False, videos=-1)
+
+
+def test_a_tmrl_agent_is_filmed_with_its_sigma_under_the_frames(runs, tmp_path, capsys):
+    _, uri, _, ft = runs
+    assert main(["eval", "--from-run", ft, "--uri", uri, "--out", str(tmp_path / "ev"), "--videos", "2"]) == 0
+    assert "videos in videos/" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    logged = sorted(f.path.rsplit("/", 1)[1] for f in client.list_artifacts(ft, "eval/videos"))
+    for mode in ("deterministic", "stochastic"):  # 3 episodes: at most 2 per outcome, 3 in all
+        mine = [n for n in logged if n.startswith(mode)]
+        wins = sum("_success" in n for n in mine)
+        assert 1 <= len(mine) <= 3 and wins <= 2 and len(mine) - wins <= 2, mine
+    frames = _frames(tmp_path / "ev" / "videos" / logged[0])
+    assert frames.shape[2:] == (128, 3) and frames.shape[1] > 128  # frame + strip
+    strip = frames[:, 128:].astype(int)
+    assert np.abs(strip[0] - strip[-1]).sum() > 0  # its cursor moves along the episode

@@ -120,6 +120,10 @@ class BatchedCube(SubEnvBatch):
         sensed = self.render_stale(rows)
         return {OBS: self.observation.copy(), GOAL: self.goal.copy(), self.config.output: sensed}
 
+    def scene(self, k: int) -> np.ndarray:
+        """Sub-env ``k``'s simulator ``qpos`` (nq,) float64: what a video replays (cube/video.py)."""
+        return self._envs[k].sim._data.qpos.copy()
+
     def close(self) -> None:
         """Free every sub-env's renderer and simulation."""
         for env in self._envs:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from app.tasks.base import Backend, Task, ZeroShot
+from app.tasks.base import Backend, Replay, Task, ZeroShot
 from app.tasks.cube.config import (
     ACTION_DIM,
     CUBE_ENVS,
@@ -29,6 +29,8 @@ from app.tasks.cube.config import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from app.schema import FitConfig
     from app.tasks.registry import TaskConfig
     from datamodules.episodes import EpisodeStore
@@ -161,3 +163,8 @@ class CubeTask(Task):
         plot = evaluate.plot_success_at_k(results, out / "zero_shot_success_at_k.png", cfg.demos.env)
         table = policy_table(results)  # the variations are the splits
         return ZeroShot(table.metrics(), evaluate.summary(results), table, [plot])
+
+    def render_replay(self, env: str, replay: Replay, size: int = 128, every: int = 1) -> np.ndarray:
+        from app.tasks.cube.video import render_qpos
+
+        return render_qpos(replay.path, replay.goal, size=size, every=every)

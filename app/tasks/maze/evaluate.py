@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from app.plots import pyplot
+from app.tasks.base import Replay
 from app.tasks.maze.backend import NUM_TASKS, BatchedMaze
 from app.tasks.maze.camera import MazeCameraConfig
 from app.tasks.maze.config import EvalConfig
@@ -100,6 +101,22 @@ def evaluate_zero_shot(
     """Per-sigma rollouts of the policy on the env's evaluation tasks (through ``camera``, if given)."""
     policy.eval()
     return {s: rollout_tasks(policy, env_name, s, cfg, progress, camera) for s in cfg.sigmas}
+
+
+def replays(results: dict[float, Rollouts], per_outcome: int = 3) -> list[Replay]:
+    """Per sigma, the first ``per_outcome`` successful and failed rollouts (in row order), to be filmed."""
+    chosen = []
+    for sigma, r in results.items():
+        outcomes = r.success.reshape(-1)
+        k = r.success.shape[-1]
+        for wanted, word in ((True, "success"), (False, "failure")):
+            for row in np.flatnonzero(outcomes == wanted)[:per_outcome]:
+                state, rollout = divmod(int(row), k)
+                label = f"sigma_{sigma:g}_state_{state}_rollout_{rollout}_{word}"
+                title = f"sigma {sigma:g} s{state} r{rollout} {'ok' if wanted else 'fail'}"
+                group = f"sigma_{sigma:g}"
+                chosen.append(Replay(label, wanted, r.paths[row], r.goals[row], group=group, title=title))
+    return chosen
 
 
 def summary(results: dict[float, Rollouts], env_name: str) -> list[str]:

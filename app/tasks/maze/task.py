@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from app.tasks.base import Backend, Task, ZeroShot
+from app.tasks.base import Backend, Replay, Task, ZeroShot
 from app.tasks.maze.config import ExpertConfig
 from app.tasks.maze.env import MAZES, resolve_maze
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from app.schema import DemoConfig, FitConfig
     from app.tasks.maze.camera import MazeCameraConfig
     from app.tasks.registry import TaskConfig
@@ -118,4 +120,10 @@ class MazeTask(Task):
             evaluate.plot_success(results, env_name, out / "zero_shot_success.png"),
             evaluate.plot_paths(results, state_env, out / "zero_shot_paths.png"),
         ]
-        return ZeroShot(table.metrics(), evaluate.summary(results, env_name), table, plots)
+        replays = evaluate.replays(results)
+        return ZeroShot(table.metrics(), evaluate.summary(results, env_name), table, plots, replays)
+
+    def render_replay(self, env: str, replay: Replay, size: int = 128, every: int = 1) -> np.ndarray:
+        from app.tasks.maze.video import render_path
+
+        return render_path(env, replay.path, replay.goal, size=size, every=every)
