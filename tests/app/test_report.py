@@ -342,3 +342,36 @@ def test_the_report_file_must_exist(store, tmp_path, capsys):
     assert main(["report", "--uri", f"sqlite:///{tmp_path / 'typo.db'}", "--file", str(path)]) == 2
     assert "no tracking store at" in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()  # not created empty
+
+
+def test_an_exported_store_reproduces_the_report_with_fewer_metrics(store, tmp_path, capsys):
+    uri, client, _, parent = store
+    path = doc(tmp_path, parent)
+    assert report(uri, path) == 0
+    from_source = path.read_bytes()
+    source_file = Path(uri[len("sqlite:///") :])
+    source_bytes = source_file.read_bytes()
+    dst = tmp_path / "evidence" / "mlflow.db"
+    assert report(uri, path, "--export", str(dst)) == 0
+    n = len(client.search_runs([client.get_run(parent).info.experiment_id]))
+    assert re.search(rf"exported {n} runs .*: \d+ of \d+ metric rows kept", capsys.readouterr().out)
+    assert path.read_bytes() == from_source and source_file.read_bytes() == source_bytes
+    assert report(f"sqlite:///{dst}", path, "--check") == 0  # the committed copy reproduces it
+    copy = MlflowClient(f"sqlite:///{dst}")
+    assert "train/loss" in client.get_run(parent).data.metrics
+    kept = copy.get_run(parent).data
+    assert "train/loss" not in kept.metrics and kept.metrics["eval/success_sigma_0"] == 0.65
+    assert kept.params == client.get_run(parent).data.params
+
+
+def test_a_bad_export_is_refused_and_leaves_the_file(store, tmp_path, capsys):
+    uri, _, _, parent = store
+    path = doc(tmp_path, parent)
+    assert report(uri, path, "--export", uri[len("sqlite:///") :]) == 2
+    assert "is the source store itself" in capsys.readouterr().err
+    dst = tmp_path / "keep.db"
+    dst.write_bytes(b"mine")
+    absent = f"sqlite:///{tmp_path / 'absent.db'}"
+    assert main(["report", "--uri", absent, "--file", str(path), "--export", str(dst)]) == 2
+    assert "no tracking store at" in capsys.readouterr().err and dst.read_bytes() == b"mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
