@@ -176,12 +176,14 @@ def cmd_bench_finetune(args: argparse.Namespace) -> None:
 
 def _add_bench_all_args(p: argparse.ArgumentParser, out: object, only: object) -> None:
     p.add_argument("--out", default=out, help="write the markdown table here (default: stdout)")
-    p.add_argument("--only", nargs="+", default=only, metavar="NAME", help="only these (app/bench.py SUITE)")
+    p.add_argument(
+        "--only", nargs="+", default=only, metavar="NAME", help="only these (app/bench_suite.py SUITE)"
+    )
     p.set_defaults(func=cmd_bench_all)
 
 
 def cmd_bench_all(args: argparse.Namespace) -> None:
-    from app.bench import bench_all, select
+    from app.bench_suite import bench_all, select
 
     suite = select(args.only)
     command = "tmrl bench all" + (f" --only {' '.join(args.only)}" if args.only else "")

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from app import bench
+from app import bench_suite as bench
 from app.cli import build_parser, cmd_bench, cmd_bench_all, main
 from tests.tiny import BASES, tiny_config
 

@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from app.cli import main
-from app.report import FIGURE_KEY, _eval_table
+from app.report_blocks import FIGURE_KEY, _eval_table
 from app.tracking import PRETRAIN_TAG, STAGE_TAG
 
 T0 = 1_700_000_000_000  # ms
