@@ -22,13 +22,11 @@ from tensordict.nn import TensorDictModule
 
 from app.base_run import load_base_policy
 from app.envs.torchrl_envs import ChunkEnv, make_chunk_env
-from app.finetune import state_keys
+from app.finetune import chunk_env_kwargs, make_actor
 from app.finetune_config import FinetuneConfig
 from app.finetune_eval import evaluate
 from app.finetune_state import read_agent
 from app.methods import METHODS
-from modules.nets.keys import ACTION
-from modules.tmrl.agent import ActorPolicy, head_specs, make_agent, regularizer
 
 MODES = ("deterministic", "stochastic")  # tanh(mean) actions, sampled actions
 
@@ -151,24 +149,16 @@ def rebuild_agent(cfg: FinetuneConfig, from_run: str, agent_file: Path, tmp: str
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base = load_base_policy(cfg, from_run, tmp)
-    c = cfg.chunk
+    policy = None if METHODS[cfg.method] is None else base.policy
     env = make_chunk_env(
-        cfg.task, cfg.eval.episodes, None if METHODS[cfg.method] is None else base.policy, cfg.method,
-        c.exec_horizon, cfg.eval.seed, base.sensor, sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma,
-        eps_bound=c.eps_bound, z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps, z_bound=c.z_bound,
-        eps_map=c.eps_map,
-    )  # fmt: skip
-    keys = state_keys(env)
-    dec = env.decoder
-    heads = head_specs(dec.sizes, cfg.agent, sigma_max=dec.sigma_max, uses_base=dec.uses_base)
-    state_dim = sum(env.observation_spec[k].shape[-1] for k in keys)
-    loss = make_agent(state_dim, heads, cfg.agent, regularizer(cfg.agent, uses_base=dec.uses_base))
+        num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **chunk_env_kwargs(cfg, policy, base.sensor)
+    )
+    loss, policy = make_actor(env, cfg)
     ckpt = read_agent(agent_file)
     try:
         loss.load_state_dict(ckpt["loss"])
     except RuntimeError as err:
         raise ValueError(f"{agent_file} holds another agent than its run's config.yaml makes: {err}") from err
-    policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=keys, out_keys=[ACTION])
     return RebuiltAgent(cfg, env, policy, int(ckpt["counters"]["env_steps"]))
 
 

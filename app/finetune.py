@@ -90,6 +90,27 @@ class Pipeline:
         return mixed_sample(self.buffer, self.offline, batch_size, offline_fraction)
 
 
+def chunk_env_kwargs(cfg: FinetuneConfig, base: CSPPolicy | None, sensor: Mapping[str, Any] | None) -> dict:
+    """``make_chunk_env``'s arguments but the batch size and seed: the target, method and chunk settings of
+    ``cfg`` over ``base`` (None: raw actions) seen through ``sensor``."""
+    c = cfg.chunk
+    env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon, sensor=sensor)
+    env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
+    env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps, z_bound=c.z_bound, eps_map=c.eps_map)
+    return env_kw
+
+
+def make_actor(env, cfg: FinetuneConfig) -> tuple[Any, TensorDictModule]:
+    """(the SAC loss module with its actor, critics and temperatures, the actor acting on ``env``'s state
+    keys): the heads are the ones ``env``'s decoder takes."""
+    keys = state_keys(env)
+    state_dim = sum(env.observation_spec[k].shape[-1] for k in keys)
+    dec = env.decoder
+    heads = head_specs(dec.sizes, cfg.agent, sigma_max=dec.sigma_max, uses_base=dec.uses_base)
+    loss = make_agent(state_dim, heads, cfg.agent, regularizer(cfg.agent, uses_base=dec.uses_base))
+    return loss, TensorDictModule(ActorPolicy(loss.actor), in_keys=keys, out_keys=[ACTION])
+
+
 def build_pipeline(
     cfg: FinetuneConfig,
     base: CSPPolicy | None,
@@ -104,9 +125,7 @@ def build_pipeline(
     ``sensor``: the base policy's sensor settings (cameras, cloud), for tasks with a sensor; ``seed``: the
     training envs' seed (default ``cfg.seed``; a resumed run's is ``resume_seed``)."""
     c, seed = cfg.chunk, cfg.seed if seed is None else seed
-    env_kw = dict(task=cfg.task, policy=base, method=cfg.method, exec_horizon=c.exec_horizon, sensor=sensor)
-    env_kw |= dict(sigma_max=c.sigma_max, fixed_sigma=c.fixed_sigma, eps_bound=c.eps_bound)
-    env_kw |= dict(z_mode=c.z_mode, z_map=c.z_map, steps=c.sample_steps, z_bound=c.z_bound, eps_map=c.eps_map)
+    env_kw = chunk_env_kwargs(cfg, base, sensor)
     env = make_chunk_env(num_envs=cfg.collect.num_envs, seed=seed, **env_kw)
     worker_env = functools.partial(_worker_env, num_envs=cfg.collect.num_envs, seed=seed, **env_kw)
     eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
@@ -115,12 +134,7 @@ def build_pipeline(
         base_env = make_zero_shot_env(
             cfg.task, cfg.eval.episodes, base, c.exec_horizon, cfg.eval.seed, sensor, c.sample_steps
         )
-    keys = state_keys(env)
-    state_dim = sum(env.observation_spec[k].shape[-1] for k in keys)
-    dec = env.decoder
-    heads = head_specs(dec.sizes, cfg.agent, sigma_max=dec.sigma_max, uses_base=dec.uses_base)
-    loss = make_agent(state_dim, heads, cfg.agent, regularizer(cfg.agent, uses_base=dec.uses_base))
-    policy = TensorDictModule(ActorPolicy(loss.actor), in_keys=keys, out_keys=[ACTION])
+    loss, policy = make_actor(env, cfg)
     return Pipeline(
         env=env,
         eval_env=eval_env,
