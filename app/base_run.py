@@ -25,7 +25,7 @@ from modules.nets.policy import CSPPolicy
 
 def check_compatible(policy: CSPPolicy, task: TaskConfig, run_id: str) -> None:
     """Refuse a pre-trained policy whose context or observation/action/goal sizes do not fit the target."""
-    task.task.check_policy(policy, task.env, f"the policy of run {run_id!r}")
+    task.task.check_policy(policy, task, f"the policy of run {run_id!r}")
 
 
 def check_views(policy: CSPPolicy, sensor: dict[str, Any], run_id: str) -> None:

@@ -289,7 +289,7 @@ def bench_finetune(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = torch.get_num_threads()  # the collector's shutdown may change it
-    obs_dim, action_dim, goal_dim = cfg.task.task.dims(cfg.task.env)
+    obs_dim, action_dim, goal_dim = cfg.task.task.target_dims(cfg.task)
     sensor = dict(sensor or {})
     base = CSPPolicy(policy_cfg, obs_dim, action_dim, goal_dim=goal_dim, sensor=sensor)
     base.set_normalization(unit_stats(base))

@@ -1,4 +1,4 @@
-"""The `tmrl` command: fit | finetune | compare | runs | eval | demos | bench | report | ui.
+"""The `tmrl` command: fit | finetune | compare | runs | eval | demos | bench | report | robot-server | ui.
 
     tmrl fit --config configs/csp_state.yaml trainer.max_steps=50 seed=3
     tmrl fit --config configs/csp_state.yaml --print-config
@@ -15,6 +15,8 @@
     tmrl bench finetune --config configs/tmrl_cube.yaml --policy-config configs/csp_pointcloud.yaml
     tmrl bench all --out docs/bench.md
     tmrl report --uri sqlite:///docs/evidence/mlflow.db --file docs/RESULTS.md --check
+    tmrl robot-server --env pointmaze-large --init 1,4 --goal 7,6 --address 127.0.0.1:5555
+    tmrl finetune --from-run <run_id> --config configs/tmrl_remote.yaml task.address=127.0.0.1:5555
     tmrl ui --port 5000
 
 Errors in what the user gave (config keys and values, paths, run ids, an unreachable tracking server) are
@@ -225,6 +227,26 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_robot_server(args: argparse.Namespace) -> None:
+    from app.robot.server import RobotServer, config_of, load_robot
+
+    if args.robot:
+        robot = load_robot(args.robot)
+    else:  # the stand-in: a simulated task behind the robot interface
+        from app.robot.sim import SimRobot
+        from app.tasks.registry import TaskConfig
+
+        cells = {
+            k: [int(c) for c in v.split(",")]
+            for k, v in (("init_ij", args.init), ("goal_ij", args.goal))
+            if v
+        }
+        task_id = None if cells else args.task_id
+        target = TaskConfig(args.env, task_id, max_episode_steps=args.max_episode_steps, **cells)
+        robot = SimRobot(target, seed=args.seed, step_delay_s=args.step_delay)
+    RobotServer(robot, config_of(args)).serve()
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -350,6 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: tmrl)")
     p.set_defaults(func=cmd_runs)
+
+    from app.robot.server import add_arguments as robot_server_arguments
+
+    p = sub.add_parser("robot-server", help="serve a robot (or a simulated stand-in) to `tmrl finetune`")
+    p.add_argument("--robot", default=None, help="module:Class of your Robot (app/robot/interface.py)")
+    p.add_argument("--env", default="pointmaze-large", help="without --robot: the simulated task to serve")
+    p.add_argument("--task-id", type=int, default=1, help="stand-in maze: OGBench evaluation task")
+    p.add_argument(
+        "--init", default=None, help="stand-in maze: start cell I,J (with --goal, instead of a task)"
+    )
+    p.add_argument("--goal", default=None, help="stand-in maze: goal cell I,J")
+    p.add_argument("--max-episode-steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-delay", type=float, default=0.0, help="stand-in: seconds added to every step")
+    robot_server_arguments(p)
+    p.set_defaults(func=cmd_robot_server)
 
     p = sub.add_parser("ui", help="serve the MLflow UI on the configured tracking store")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")

@@ -231,7 +231,7 @@ def make_chunk_env(
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     layout = METHODS[method]
     if layout is None:
-        decoder: ChunkDecoder = RawDecoder(exec_horizon, task.task.dims(task.env)[1])
+        decoder: ChunkDecoder = RawDecoder(exec_horizon, task.task.target_dims(task)[1])
     else:
         if policy is None:
             raise ValueError(f"method {method!r} needs the pre-trained policy; got policy=None")

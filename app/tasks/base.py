@@ -173,8 +173,15 @@ class Task(ABC):
         renderer raises NotImplementedError (``tmrl eval`` then writes no videos and says so)."""
         raise NotImplementedError(f"the {self.name} task has no replay renderer")
 
-    def check_policy(self, policy: CSPPolicy, env: str, who: str) -> None:
-        """Refuse a policy whose context or sizes do not fit ``env`` (``who`` names it in the message)."""
+    def target_dims(self, target: TaskConfig) -> tuple[int, int, int]:
+        """(obs_dim, action_dim, goal_dim) of fine-tuning target ``target``: its env's (``dims``) unless the
+        task learns them otherwise (a remote robot: from its server)."""
+        return self.dims(target.env)
+
+    def check_policy(self, policy: CSPPolicy, target: TaskConfig, who: str) -> None:
+        """Refuse a policy whose context or sizes do not fit fine-tuning target ``target`` (``who`` names
+        the policy in the message)."""
+        env = target.env
         mode = policy.cfg.context_mode
         if mode not in self.context_modes:
             from app.tasks.registry import task_of_context  # the registry imports this module
@@ -183,7 +190,7 @@ class Task(ABC):
                 f"{who} has context_mode={mode!r}, which does not fit {env!r} (the {self.name} task takes "
                 f"{list(self.context_modes)}): fine-tune it on {list(task_of_context(mode).env_names)}"
             )
-        obs_dim, action_dim, goal_dim = self.dims(env)
+        obs_dim, action_dim, goal_dim = self.target_dims(target)
         want = {"obs_dim": obs_dim, "action_dim": action_dim, "goal_dim": goal_dim}
         have = {"obs_dim": policy.obs_dim, "action_dim": policy.action_dim, "goal_dim": policy.goal_dim}
         bad = [f"{k}: policy {have[k]} vs env {want[k]}" for k in want if have[k] != want[k]]

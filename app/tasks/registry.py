@@ -20,12 +20,14 @@ from app.tasks.cube.task import CubeTask
 from app.tasks.cube.visual import VisualCubeTask
 from app.tasks.maze.task import MazeTask
 from app.tasks.maze.visual import VisualMazeTask
+from app.tasks.remote.task import RemoteTask
 
 TASKS: dict[str, Task] = {
     "maze": MazeTask(),
     "cube": CubeTask(),
     "visual-maze": VisualMazeTask(),
     "visual-cube": VisualCubeTask(),
+    "remote": RemoteTask(),
 }
 
 
@@ -107,6 +109,7 @@ class TaskConfig:
         max_episode_steps: low-level time limit: an episode is truncated after this many environment steps.
         variation: cube only: "heldout" (targets in the goal region the demonstrations never used) or
             "train". The cameras and the cloud are the pre-trained policy's (its ``sensor``).
+        address: env "remote" only: HOST:PORT of the `tmrl robot-server` driving the robot.
     """
 
     env: str = "pointmaze-large"
@@ -115,6 +118,7 @@ class TaskConfig:
     goal_ij: list[int] | None = None
     max_episode_steps: int = 1000
     variation: str = "heldout"
+    address: str | None = None
 
     @property
     def task(self) -> Task:

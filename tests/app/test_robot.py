@@ -1,0 +1,179 @@
+"""The robot link on loopback: the stand-in robot (a simulated maze behind the Robot interface) served by
+`RobotServer`, driven by `RobotClient` and the remote backend; bounds, heartbeat, restarts and a tiny
+`tmrl finetune` over the network."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.robot.client import RobotClient, RobotError
+from app.robot.protocol import decode, encode
+from app.robot.server import RobotServer, ServerConfig
+from app.robot.sim import SimRobot
+from app.tasks.registry import TaskConfig
+from app.tasks.remote.backend import RemoteBackend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """A server for ``robot`` in a thread, stopped by ``stop()``."""
+
+    def __init__(self, robot, **cfg) -> None:
+        self.robot, self.address = robot, f"127.0.0.1:{cfg.pop('port', None) or free_port()}"
+        self.server = RobotServer(robot, ServerConfig(self.address, **cfg), log=lambda line: None)
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self.server.serve, args=(self.halt,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def maze_robot():
+    robot = SimRobot(TaskConfig("pointmaze-medium", 1, max_episode_steps=40))
+    yield robot
+    robot.close()
+
+
+def test_messages_round_trip_and_frames_travel_compressed():
+    frame = np.zeros((1, 64, 64, 3), np.uint8)
+    frames = encode({"op": "x"}, {"image": frame, "observation": np.arange(4, dtype=np.float32)})
+    assert len(frames[1]) < frame.nbytes / 10  # zlib on a uniform frame
+    header, arrays = decode(frames)
+    assert header == {"op": "x"}
+    np.testing.assert_array_equal(arrays["image"], frame)
+    assert arrays["observation"].dtype == np.float32
+    with pytest.raises(ValueError, match="array frames came"):
+        decode(frames[:2])
+
+
+def test_the_stand_in_robot_serves_episodes_and_clips_out_of_bounds_actions(maze_robot):
+    served = Served(maze_robot, heartbeat_s=5.0)
+    client = RobotClient(served.address, timeout_s=2.0, keepalive=False, log=lambda line: None)
+    try:
+        assert (
+            client.spec["observation"]["observation"]["shape"] == [2]
+            and client.spec["max_episode_steps"] == 40
+        )
+        first = client.reset()["observation"]
+        obs, reply = client.step(np.array([5.0, -5.0]))  # far outside [-1, 1]
+        assert reply["info"]["clipped"] and not reply["truncated"]
+        moved = obs["observation"][:2] - first[:2]
+        ref = SimRobot(TaskConfig("pointmaze-medium", 1, max_episode_steps=40))
+        ref.reset()
+        expected = ref.step(np.array([1.0, -1.0]))[0]["observation"][:2] - first[:2]
+        ref.close()
+        np.testing.assert_allclose(moved, expected, atol=1e-5)  # exactly the clipped action was applied
+        for _ in range(39):
+            obs, reply = client.step(np.zeros(2))
+        assert reply["truncated"] and served.server.steps == 40  # the robot's time limit
+        obs, reply = client.step(np.zeros(2))  # a step after the end is answered, never run
+        assert reply["truncated"] and "ended" in reply["info"] and served.server.stats["steps"] == 40
+        with pytest.raises(RobotError, match="expected 2 finite values"):
+            client.reset()
+            client.step(np.array([np.nan, 0.0]))
+        assert client.latency_ms()["step"] < 50
+    finally:
+        client.close()
+        served.stop()
+
+
+def test_a_refused_action_does_not_move_the_robot(maze_robot):
+    served = Served(maze_robot, out_of_bounds="refuse")
+    client = RobotClient(served.address, keepalive=False, log=lambda line: None)
+    try:
+        client.reset()
+        with pytest.raises(RobotError, match="outside the robot's box.*did not move"):
+            client.step(np.array([1.5, 0.0]))
+        assert served.server.stats == {**served.server.stats, "steps": 0, "refused": 1}
+        _, reply = client.step(np.array([1.0, 0.0]))  # the edge of the box is inside it
+        assert not reply["truncated"] and served.server.stats["steps"] == 1
+    finally:
+        client.close()
+        served.stop()
+
+
+def test_a_missed_heartbeat_stops_the_robot_and_ends_the_episode(maze_robot):
+    served = Served(maze_robot, heartbeat_s=0.3)
+    client = RobotClient(served.address, keepalive=False, log=lambda line: None)
+    try:
+        client.reset()
+        client.step(np.zeros(2))
+        time.sleep(0.8)  # the learner goes silent
+        assert maze_robot.safe_stops >= 1 and served.server.stats["heartbeat_stops"] == 1
+        _, reply = client.step(np.zeros(2))
+        assert reply["truncated"] and "heartbeat missed" in reply["info"]["ended"]
+        # with the keep-alive, a learner that thinks for as long keeps its episode (the robot holds)
+        alive = RobotClient(served.address, keepalive=True, log=lambda line: None)
+        alive.reset()
+        time.sleep(0.8)
+        _, reply = alive.step(np.zeros(2))
+        alive.close()
+        assert not reply["truncated"] and served.server.stats["holds"] >= 1
+    finally:
+        client.close()
+        served.stop()
+
+
+def test_the_learner_reconnects_after_a_server_restart_and_loses_only_the_episode(maze_robot):
+    port = free_port()
+    served = Served(maze_robot, port=port)
+    said: list[str] = []
+    backend = RemoteBackend(
+        served.address, client=RobotClient(served.address, timeout_s=0.3, log=said.append)
+    )
+    try:
+        backend.reset()
+        backend.step(np.zeros((1, 2), np.float32), np.ones(1, bool))
+        served.stop()  # the robot's computer goes away mid-episode ...
+        back = threading.Timer(1.0, lambda: said.append(Served(maze_robot, port=port)))  # ... and returns
+        back.start()
+        out = backend.step(np.zeros((1, 2), np.float32), np.ones(1, bool))
+        assert out["truncated"][0] and "restarted" in backend.ended[-1]  # the episode is lost, not the run
+        assert any("not answering" in s for s in said if isinstance(s, str))
+        backend.reset()  # and the next one runs
+        assert not backend.step(np.zeros((1, 2), np.float32), np.ones(1, bool))["truncated"][0]
+    finally:
+        backend.close()
+        for s in said:
+            if isinstance(s, Served):
+                s.stop()
+
+
+def test_a_tiny_finetune_runs_against_a_robot_server_process(tmp_path, monkeypatch, capsys):
+    from app.cli import main
+    from tests.app.test_fit_e2e import tiny_overrides
+    from tests.tiny import tiny_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert (
+        main(["fit", "--config", tiny_config("csp_state"), *tiny_overrides(tmp_path), "eval.enabled=false"])
+        == 0
+    )
+    fit = capsys.readouterr().out.strip().splitlines()[-1].split("=", 1)[1]
+    port = free_port()
+    cmd = [sys.executable, "-m", "app.cli", "robot-server", "--env", "pointmaze-medium", "--task-id", "1"]
+    server = subprocess.Popen([*cmd, "--max-episode-steps", "60", "--address", f"127.0.0.1:{port}"])
+    try:
+        args = ["--config", tiny_config("tmrl"), "task.env=remote", f"task.address=127.0.0.1:{port}"]
+        args += ["collect.num_envs=1", "eval.episodes=1", "task.task_id=null", f"output_dir={tmp_path}"]
+        assert main(["finetune", "--from-run", fit, *args]) == 0
+        out = capsys.readouterr().out
+        assert "env steps, final eval success" in out
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
