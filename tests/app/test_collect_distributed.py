@@ -75,19 +75,26 @@ def learners_loc(p, batch) -> torch.Tensor:
 
 
 def check_counts_and_weights(cfg, p, counters, lag: int) -> None:
+    """The counters add up over the batches, and within ``lag`` batches of a weight sync the workers act with
+    the learner's new weights (sync: the very next batch; async: batches under way may predate the sync, and
+    a worker applies the weights it received in a thread of its own, later on a loaded machine)."""
     batches = p.collector.batches
     assert counters["env_steps"] >= cfg.env_steps and counters["updates"] > 0
     assert counters["env_steps"] == sum(int(b[NEXT, ENV_STEPS].sum()) for b in batches)
     assert counters["chunks"] == sum(b.numel() for b in batches)
     perturb(p.loss.actor)
     p.collector.update_policy_weights_()
-    later = [next(p.collector.it) for _ in range(lag + 1)]  # async: the next batches may predate the sync
-    new = later[-1]
-    loc = learners_loc(p, new)
-    inside = loc.abs() < 2.5  # where tanh does not saturate in float32
-    assert loc[inside].std() > 0.3 and inside.float().mean() > 0.5  # the check below tells weights apart
-    # the worker's pre-tanh action is loc + exp(-5) * noise: its weights are the learner's
-    assert (torch.atanh(new[ACTION][inside]) - loc[inside]).abs().max() < 0.05
+    gaps = []
+    for _ in range(lag + 1):
+        new = next(p.collector.it)
+        loc = learners_loc(p, new)
+        inside = loc.abs() < 2.5  # where tanh does not saturate in float32
+        assert loc[inside].std() > 0.3 and inside.float().mean() > 0.5  # the check below tells weights apart
+        # the worker's pre-tanh action is loc + exp(-5) * noise: its weights are the learner's
+        gaps.append(float((torch.atanh(new[ACTION][inside]) - loc[inside]).abs().max()))
+        if gaps[-1] < 0.05:
+            return
+    raise AssertionError(f"no batch of the {lag + 1} after the sync acted with the new weights: {gaps}")
 
 
 def test_sync_workers_each_give_a_sub_batch_and_act_with_the_learners_weights():
@@ -119,7 +126,7 @@ def test_distributed_workers_on_loopback_act_with_the_learners_weights(sync):
         if sync:  # every batch holds both workers' envs (async: whichever worker is done first, which on
             # a loaded machine can be the same one for the few batches of this budget)
             assert len(torch.unique(goals, dim=0)) > cfg.collect.num_envs
-        check_counts_and_weights(cfg, p, counters, lag=0 if sync else 2)
+        check_counts_and_weights(cfg, p, counters, lag=0 if sync else 8)
     finally:
         p.collector.shutdown()
     assert not any(proc.is_alive() for proc in p.collector.procs)
