@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -177,3 +178,13 @@ def test_a_tiny_finetune_runs_against_a_robot_server_process(tmp_path, monkeypat
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_latency_measurement_runs_both_ways_and_reports_positive_rates(capsys):
+    from app.robot.latency import main as latency
+
+    assert latency(["--steps", "40", "--port", str(free_port())]) == 0
+    out = capsys.readouterr().out
+    rates = re.findall(r"(\d+) env steps/s|: (\d+)/s", out)
+    assert len(rates) == 2 and all(int(a or b) > 0 for a, b in rates), out
+    assert re.search(r"round trip per step: median \d+\.\d+ ms", out), out
