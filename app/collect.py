@@ -124,6 +124,20 @@ class WatchedDistributedCollector(DistributedCollector):
         """The worker processes (launcher "mp"; none for SLURM jobs)."""
         return [job for job in getattr(self, "jobs", []) if hasattr(job, "exitcode")]
 
+    def iterator(self):
+        """TorchRL's iterator; an exchange that failed because a worker died (gloo: "Connection closed by
+        peer", the store: "wait timeout") raises naming that worker."""
+        try:
+            yield from super().iterator()
+        except RuntimeError as err:
+            if "collector worker" in str(err):
+                raise
+            for proc in self.procs:
+                proc.join(2.0 if proc.exitcode is None else 0)  # an exit code may lag behind the end
+            if dead := [i for i, proc in enumerate(self.procs) if proc.exitcode]:
+                raise RuntimeError(f"collector worker {dead[0]} died: {err}") from err
+            raise
+
     def _init_master_dist(self, world_size, backend) -> None:
         super()._init_master_dist(world_size, backend)
         self._store = _WatchedStore(self._store, lambda: self.procs)
