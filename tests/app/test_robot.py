@@ -188,3 +188,45 @@ def test_the_latency_measurement_runs_both_ways_and_reports_positive_rates(capsy
     rates = re.findall(r"(\d+) env steps/s|: (\d+)/s", out)
     assert len(rates) == 2 and all(int(a or b) > 0 for a, b in rates), out
     assert re.search(r"round trip per step: median \d+\.\d+ ms", out), out
+
+
+class BlindRobot(SimRobot):
+    """The stand-in robot without a success detector: only a human can tell."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = super().step(action)
+        return obs, 0.0, False, truncated, {}
+
+
+def test_the_human_confirms_each_reset_and_labels_success_the_robot_cannot_detect():
+    robot = BlindRobot(TaskConfig("pointmaze-medium", 1, max_episode_steps=5))
+    asked: list[str] = []
+    answers = iter(["", "y", "", "n"])  # Enter, success, Enter, failure
+
+    def human(question: str) -> str:
+        asked.append(question)
+        return next(answers)
+
+    address = f"127.0.0.1:{free_port()}"
+    server = RobotServer(
+        robot, ServerConfig(address, confirm_reset=True, label_success=True), human, log=lambda line: None
+    )
+    halt = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(halt,), daemon=True)
+    thread.start()
+    backend = RemoteBackend(address, client=RobotClient(address, keepalive=False, log=lambda line: None))
+    try:
+        assert backend.client.spec["human_reset"]
+        for label in (True, False):
+            backend.reset()
+            assert "put the scene back" in asked[-1]
+            for step in range(5):
+                out = backend.step(np.zeros((1, 2), np.float32), np.ones(1, bool))
+                assert out["success"][0] == (label and step == 4)  # the label lands on the episode's end
+            assert out["truncated"][0] and out["reward"][0] == float(label)
+            assert "success? [y/n]" in asked[-1]
+        assert len(asked) == 4
+    finally:
+        backend.close()
+        halt.set()
+        thread.join(timeout=5)
