@@ -230,3 +230,49 @@ def test_the_human_confirms_each_reset_and_labels_success_the_robot_cannot_detec
         backend.close()
         halt.set()
         thread.join(timeout=5)
+
+
+def test_a_finetune_goes_on_after_its_robot_server_is_killed_and_keeps_its_buffer(
+    tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    from app.cli import main
+    from tests.app.test_fit_e2e import tiny_overrides
+    from tests.tiny import tiny_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fit_args = ["fit", "--config", tiny_config("csp_state"), *tiny_overrides(tmp_path), "eval.enabled=false"]
+    assert main(fit_args) == 0
+    fit = capsys.readouterr().out.strip().splitlines()[-1].split("=", 1)[1]
+    port = free_port()
+    cmd = [sys.executable, "-m", "app.cli", "robot-server", "--env", "pointmaze-medium", "--task-id", "1"]
+    cmd += ["--max-episode-steps", "60", "--address", f"127.0.0.1:{port}"]
+    servers = [subprocess.Popen(cmd)]
+    real_step, calls = RemoteBackend.step, []
+
+    def step(self, actions, mask):  # the robot's computer dies mid-episode, and comes back a second later
+        calls.append(1)
+        if len(calls) == 150:
+            servers[-1].kill()
+            servers[-1].wait()
+            threading.Timer(1.0, lambda: servers.append(subprocess.Popen(cmd))).start()
+        return real_step(self, actions, mask)
+
+    monkeypatch.setattr(RemoteBackend, "step", step)
+    try:
+        args = ["--config", tiny_config("tmrl"), "task.env=remote", f"task.address=127.0.0.1:{port}"]
+        args += ["collect.num_envs=1", "eval.episodes=1", "task.task_id=null", f"output_dir={tmp_path}"]
+        args += ["checkpoint_every_env_steps=8"]  # every batch: the last checkpoint is the run's end
+        assert main(["finetune", "--from-run", fit, *args]) == 0
+        out = capsys.readouterr().out
+        assert len(servers) == 2 and "not answering" in out and "answers again" in out
+        assert "robot episode ended early: not this server's current episode" in out
+        (ckpt,) = tmp_path.glob("*/checkpoints/agent_last.pt")
+        saved = torch.load(ckpt, weights_only=False)
+        assert saved["counters"]["env_steps"] >= 400
+        assert saved["replay_size"] == saved["counters"]["chunks"]  # nothing collected before the kill lost
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
