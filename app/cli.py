@@ -71,10 +71,19 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"run_id={run_id}")
 
 
+def task_aliases(overrides: list[str]) -> list[str]:
+    """``env=X`` and ``env.KEY=V`` (the robot-link spelling, ``env=remote env.address=HOST:PORT``) as the
+    ``task.env=X`` and ``task.KEY=V`` they stand for; every other override as it is."""
+    return [
+        f"task.{o}" if o.startswith("env=") else f"task.{o[4:]}" if o.startswith("env.") else o
+        for o in overrides
+    ]
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from app.finetune import FinetuneConfig, finetune
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    cfg = load_config(FinetuneConfig, args.config, task_aliases(args.overrides))
     if args.print_config:
         print(to_yaml(cfg), end="")
         return

@@ -276,3 +276,15 @@ def test_a_finetune_goes_on_after_its_robot_server_is_killed_and_keeps_its_buffe
         for server in servers:
             server.terminate()
             server.wait(timeout=10)
+
+
+def test_the_issue_spelling_env_remote_env_address_sets_the_task(capsys):
+    from app.cli import main, task_aliases
+
+    assert task_aliases(["env=remote", "env.address=h:1", "env_steps=9"]) == [
+        "task.env=remote", "task.address=h:1", "env_steps=9",
+    ]  # fmt: skip
+    args = ["finetune", "--from-run", "x", "--print-config", "env=remote", "env.address=127.0.0.1:5599"]
+    assert main([*args, "collect.num_envs=1", "eval.episodes=1"]) == 0
+    out = capsys.readouterr().out
+    assert "  env: remote\n" in out and "  address: 127.0.0.1:5599\n" in out
