@@ -195,6 +195,7 @@ def run_loop(cfg: FinetuneConfig, p: Pipeline, hooks: RunHooks, state: LoopState
         counters["env_steps"] += steps
         counters["chunks"] += flat.numel()
         metrics = batch_stats(flat, p.env.decoder)
+        metrics |= getattr(getattr(p.env, "backend", None), "link_metrics", dict)()  # a robot: the link
         if "train/sigma_p50" in metrics:  # a learned sigma
             state.sigma_history.append(
                 (counters["env_steps"], [metrics[f"train/sigma_p{round(100 * q)}"] for q in SIGMA_QUANTILES])

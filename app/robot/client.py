@@ -10,7 +10,8 @@ While the learner computes (SAC updates between chunks), a keep-alive thread pin
 of its heartbeat, so the robot holds instead of ending the episode; when this process dies, the pings stop
 and the server's heartbeat stops the robot.
 
-Round-trip times of every request are kept per op (``latency``) for the run's metrics.
+Round-trip times of every request are kept per op (``latency``); fine-tuning logs their per-batch medians
+(``robot/step_rtt_ms`` ...).
 """
 
 from __future__ import annotations
@@ -150,6 +151,13 @@ class RobotClient:
                 self.ping()
             except Exception:  # noqa: BLE001 - the main thread's next request reports the fault
                 continue
+
+    def take_latency_ms(self) -> dict[str, float]:
+        """Median round trip per op since the last call, milliseconds (the run's per-batch metrics)."""
+        with self._lock:
+            out = self.latency_ms()
+            self.latency.clear()
+        return out
 
     def latency_ms(self) -> dict[str, float]:
         """Median round trip per op, milliseconds."""

@@ -272,6 +272,12 @@ def test_a_finetune_goes_on_after_its_robot_server_is_killed_and_keeps_its_buffe
         saved = torch.load(ckpt, weights_only=False)
         assert saved["counters"]["env_steps"] >= 400
         assert saved["replay_size"] == saved["counters"]["chunks"]  # nothing collected before the kill lost
+        from mlflow.tracking import MlflowClient
+
+        store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        ids = [e.experiment_id for e in store.search_experiments()]
+        (run,) = [r for r in store.search_runs(ids) if "robot/reconnects" in r.data.metrics]
+        assert run.data.metrics["robot/reconnects"] >= 1 and 0 < run.data.metrics["robot/step_rtt_ms"] < 1000
     finally:
         for server in servers:
             server.terminate()

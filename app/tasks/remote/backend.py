@@ -84,5 +84,10 @@ class RemoteBackend(SubEnvBatch):
         out = {OBS: self.observation.copy(), GOAL: self.goal.copy()}
         return out | {key: getattr(self, key).copy() for key in self.sensor_keys}
 
+    def link_metrics(self) -> dict[str, float]:
+        """The link since the last call, for the run's metrics: median round trip per op (ms), reconnects."""
+        out = {f"robot/{op}_rtt_ms": v for op, v in self.client.take_latency_ms().items()}
+        return out | {"robot/reconnects": float(self.client.reconnects)}
+
     def close(self) -> None:
         self.client.close()
