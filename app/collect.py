@@ -80,30 +80,18 @@ class DistributedSync(DistributedWeightSyncScheme):
 
 class _WatchedStore:
     """The learner's TCPStore of a ``WatchedDistributedCollector``: reading a worker's status raises once that
-    worker's process has ended (TorchRL's async loop polls those statuses, forever if every worker died), and
-    so does a read of its keys that timed out because it died while awaited (TorchRL says 'wait timeout')."""
+    worker's process has ended (TorchRL's async loop polls those statuses, forever if every worker died). A
+    read that timed out on a dead worker is named by the collector's iterator."""
 
     def __init__(self, store, procs: Callable[[], list]) -> None:
         self._store, self._procs = store, procs
 
     def get(self, key: str) -> bytes:
-        rank = int(key.split("_")[1]) if key.startswith("NODE_") else 0
-        if key.endswith("_status"):
-            self._raise_if_dead(rank)
-        try:
-            return self._store.get(key)
-        except RuntimeError:  # the store's wait timed out: a worker that died while it was awaited
-            self._raise_if_dead(rank, grace=2.0)
-            raise
-
-    def _raise_if_dead(self, rank: int, grace: float = 0.0) -> None:
-        procs = self._procs()
-        if 0 < rank <= len(procs):
-            proc = procs[rank - 1]
-            if grace:
-                proc.join(grace)  # an exit code may lag behind the process's end
-            if proc.exitcode is not None:
+        if key.startswith("NODE_") and key.endswith("_status"):
+            rank, procs = int(key.split("_")[1]), self._procs()
+            if 0 < rank <= len(procs) and procs[rank - 1].exitcode is not None:
                 raise RuntimeError(f"collector worker {rank - 1} died")
+        return self._store.get(key)
 
     def __getattr__(self, name: str):
         return getattr(self._store, name)
