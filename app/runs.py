@@ -17,9 +17,10 @@ from mlflow.tracking import MlflowClient
 from app.tracking import PRETRAIN_TAG, STAGE_TAG
 
 SUCCESS = "eval/success_rate"  # a fine-tuning run's success on its fixed evaluation episodes
-ZERO_SHOT = "eval/success_sigma_0"  # a pre-training run's zero-shot success at sigma 0
+ZERO_SHOT = "eval/success_sigma_0"  # a pre-training run's zero-shot success at sigma 0...
+SPLITS = ("train", "heldout")  # ...or, for a task evaluated per split (the cube), eval/<split>/success_sigma_0
 HEADER = ("run id", "method", "seed", "env steps", "success", "status", "started", "name")
-WIDTHS = (36, 12, 6, 13, 9, 10, 18, 0)  # the name, last, takes what it needs
+WIDTHS = (36, 12, 6, 13, 11, 10, 18, 0)  # the name, last, takes what it needs
 
 
 def all_runs(client: MlflowClient, exp_id: str) -> list[Run]:
@@ -46,17 +47,27 @@ def _line(cells: tuple[str, ...]) -> str:
     return "".join(f"{c:<{w}s}" if w else c for c, w in zip(cells, WIDTHS, strict=True)).rstrip()
 
 
+def _zero_shot(metrics: dict[str, float]) -> str:
+    """A fit's zero-shot success at sigma 0: one figure, or ``train/heldout`` ones for a split evaluation."""
+    if ZERO_SHOT in metrics:
+        return f"{metrics[ZERO_SHOT]:.0%}"
+    split = [metrics.get(ZERO_SHOT.replace("eval/", f"eval/{name}/")) for name in SPLITS]
+    if all(v is None for v in split):
+        return "-"
+    return "/".join("-" if v is None else f"{v:.0%}" for v in split)
+
+
 def _row(client: MlflowClient, run: Run, indent: str) -> str:
     info, data = run.info, run.data
     finetune = data.tags.get(STAGE_TAG) == "finetune"
-    success = data.metrics.get(SUCCESS if finetune else ZERO_SHOT)
+    success = data.metrics.get(SUCCESS)
     started = datetime.datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
     cells = (
         indent + info.run_id,
         data.tags.get("tmrl.method", "?") if finetune else "fit",
         data.params.get("seed", "?"),
         _steps(client, run) if finetune else "-",
-        "-" if success is None else f"{success:.0%}",
+        ("-" if success is None else f"{success:.0%}") if finetune else _zero_shot(data.metrics),
         info.status,
         started,
         info.run_name or "",
@@ -93,6 +104,9 @@ def runs_table(client: MlflowClient, exp_id: str, where: str) -> str:
     others = len(runs) - len(fits) - tuned
     if others:
         lines.append(f"({others} runs of other tools not shown: no {STAGE_TAG} tag)")
-    lines.append(f"success: the last {SUCCESS} (fine-tuning), the zero-shot {ZERO_SHOT} (pre-training)")
+    lines.append(
+        f"success: the last {SUCCESS} (fine-tuning), the zero-shot {ZERO_SHOT} (pre-training; a task "
+        f"evaluated per split shows {'/'.join(SPLITS)})"
+    )
     lines.append("compare: `tmrl compare --parent <fit run id>` or `tmrl compare <fine-tuning run id> ...`")
     return "\n".join(lines)

@@ -85,6 +85,22 @@ def test_runs_lists_each_fit_with_its_finetuning_runs_beneath(hand_store, capsys
     assert "not in this experiment" in lines[io - 1] and io > max(ia, ib) + 1
 
 
+def test_runs_shows_a_split_evaluated_fit_as_train_over_heldout(mlflow_uri, tmp_path, capsys):
+    """The cube's fit logs eval/<split>/success_sigma_0, not eval/success_sigma_0: both splits are shown."""
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("tmrl", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp, run_name="cube fit", tags={tracking.STAGE_TAG: "pretrain"})
+    client.log_metric(run.info.run_id, "eval/train/success_sigma_0", 0.5)
+    client.log_metric(run.info.run_id, "eval/heldout/success_sigma_0", 0.125)
+    half = client.create_run(exp, run_name="train only", tags={tracking.STAGE_TAG: "pretrain"})
+    client.log_metric(half.info.run_id, "eval/train/success_sigma_0", 1.0)
+    assert main(["runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert _row(lines, run.info.run_id)[1][4] == "50%/12%"
+    assert _row(lines, half.info.run_id)[1][4] == "100%/-"
+    assert "train/heldout" in lines[-2]
+
+
 def test_runs_says_what_is_missing(hand_store, tmp_path, capsys):
     client = hand_store[0]
     assert main(["runs", "--experiment", "nope"]) == 2
