@@ -11,7 +11,8 @@ at the step of its last evaluation, so the UI shows the re-evaluation as their l
 keeping the fit's; a fine-tuning run's at its checkpoint's env steps), ``eval/table.csv``,
 ``eval/eval_config.yaml`` (the settings evaluated), the plots under ``eval/`` and the rollout videos under
 ``eval/videos/`` (``app.eval_videos``: ``videos`` successes and failures per sigma or per mode; a TMRL
-agent's with its chosen sigma drawn under the frames). ``overrides`` are ``key=value`` pairs on the run's
+agent's with its chosen sigma drawn under the frames; they replace the videos of the run's earlier
+evaluation). ``overrides`` are ``key=value`` pairs on the run's
 stored config (``eval.*``).
 """
 
@@ -33,6 +34,7 @@ from app.eval_videos import trace_replays
 from app.evaluation import EvalTable, agent_row, plot_agent_success, plot_success_at_k
 
 FINETUNE = "finetune"  # the stage tag of `tmrl finetune` runs (app.finetune's start_run)
+VIDEOS = "eval/videos"  # the artifact folder of the latest evaluation's videos (earlier ones are replaced)
 
 
 @dataclass
@@ -99,9 +101,28 @@ def eval_run(
         tracking.log_metrics(client, run_id, result.table.metrics(), result.step)
         for path in (csv, *result.plots, result.out / "eval_config.yaml"):
             client.log_artifact(run_id, str(path), "eval")
+        if result.videos:
+            note = _clear_videos(uri, run)
+            if note:
+                result.lines.append(note)
         for path in result.videos:
-            client.log_artifact(run_id, str(path), "eval/videos")
+            client.log_artifact(run_id, str(path), VIDEOS)
     return result
+
+
+def _clear_videos(uri: str, run) -> str | None:
+    """Delete the run's earlier ``eval/videos/`` so the folder holds one evaluation's videos, not a mix of
+    several (their labels name episodes and states, which differ between evaluations); a note when the
+    artifact store cannot delete (the old videos then stay beside the new)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=uri)
+        if repo.list_artifacts(VIDEOS):
+            repo.delete_artifacts(VIDEOS)
+    except (MlflowException, NotImplementedError, OSError) as err:
+        return f"[tmrl] earlier {VIDEOS}/ of the run kept (the artifact store cannot delete: {err})"
+    return None
 
 
 def _film(task, env: str, replays: list, out: Path, per_outcome: int, sigma_max: float | None, lines):

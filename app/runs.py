@@ -18,7 +18,7 @@ from app.tracking import PRETRAIN_TAG, STAGE_TAG
 
 SUCCESS = "eval/success_rate"  # a fine-tuning run's success on its fixed evaluation episodes
 ZERO_SHOT = "eval/success_sigma_0"  # a pre-training run's zero-shot success at sigma 0...
-SPLITS = ("train", "heldout")  # ...or, for a task evaluated per split (the cube), eval/<split>/success_sigma_0
+SPLITS = ("train", "heldout")  # ...or, for a task evaluated per split (cube): eval/<split>/success_sigma_0
 HEADER = ("run id", "method", "seed", "env steps", "success", "status", "started", "name")
 WIDTHS = (36, 12, 6, 13, 11, 10, 18, 0)  # the name, last, takes what it needs
 

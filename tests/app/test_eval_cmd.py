@@ -222,7 +222,13 @@ def test_a_pretraining_evaluation_films_a_success_and_a_failure_per_sigma(runs, 
     assert sorted(n.split("_state")[0] for n in names) == sorted(expected)
     assert all(("_success" in n) != ("_failure" in n) for n in names)
     logged = {f.path for f in client.list_artifacts(fit, "eval/videos")}
-    assert {f"eval/videos/{n}" for n in names} <= logged  # (earlier evaluations of the run logged theirs)
+    assert {f"eval/videos/{n}" for n in names} == logged  # earlier evaluations' videos were replaced
+    stale = tmp_path / "sigma_9_state_0_failure.mp4"  # as if an earlier evaluation had filmed sigma 9
+    stale.write_bytes(b"old")
+    client.log_artifact(fit, str(stale), "eval/videos")
+    again = eval_run(uri, fit, ["eval.sigmas=[0]", "eval.rollouts=2"], tmp_path / "ev2", videos=1)
+    logged = {f.path for f in client.list_artifacts(fit, "eval/videos")}
+    assert logged == {f"eval/videos/{p.name}" for p in again.videos} and again.videos
     frames = _frames(result.videos[0])
     assert frames.shape[1:] == (128, 128, 3) and 1 < len(frames) <= 250  # no sigma strip: no agent chose
     assert eval_run(uri, fit, ["eval.sigmas=[0]"], tmp_path / "none", log=False, videos=0).videos == []
