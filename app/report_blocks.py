@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from app.compare import BASE, EXPLORATION, METRIC, bootstrap_interval, on_grid
 from app.plots import pyplot
+from app.report_store import TRAIN, thin
 from app.tracking import PRETRAIN_TAG, STAGE_TAG
 
 # eval/[<split>/]success_sigma_<s>, eval/[<split>/]success_at_k_sigma_<s>_k_<k> (app/evaluation.py) and the
@@ -93,12 +94,15 @@ def _runs(ctx: Context, args: dict[str, str]) -> list:
 
 
 def _history(ctx: Context, run, metric: str) -> np.ndarray:
-    """(T, 2) of (step, value), one value per step (the last logged)."""
+    """(T, 2) of (step, value), one value per step (the last logged); a training series at the steps an
+    evidence store keeps of it (``app.report_store.thin``), so a store and its export give one report."""
     points = sorted(
         (m.step, m.timestamp, m.value) for m in ctx.client.get_metric_history(run.info.run_id, metric)
     )
-    last = {step: value for step, _, value in points}
-    return np.asarray(sorted(last.items()), dtype=np.float64).reshape(-1, 2)
+    last = sorted({step: value for step, _, value in points}.items())
+    if metric.startswith(TRAIN):
+        last = [last[i] for i in thin(len(last))]
+    return np.asarray(last, dtype=np.float64).reshape(-1, 2)
 
 
 def _pct(v: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -362,6 +363,59 @@ def test_an_exported_store_reproduces_the_report_with_fewer_metrics(store, tmp_p
     kept = copy.get_run(parent).data
     assert "train/loss" not in kept.metrics and kept.metrics["eval/success_sigma_0"] == 0.65
     assert kept.params == client.get_run(parent).data.params
+
+
+def test_thin_keeps_the_ends_evenly_spaced_and_is_idempotent():
+    from app.report_store import thin
+
+    assert list(thin(5, most=10)) == [0, 1, 2, 3, 4]
+    idx = thin(1000, most=60)
+    assert len(idx) == 60 and idx[0] == 0 and idx[-1] == 999 and (np.diff(idx) >= 16).all()
+    assert list(thin(len(idx), most=60)) == list(range(60))  # a thinned series is kept whole
+
+
+def test_an_export_thins_long_training_series_to_the_points_the_report_reads(tmp_path):
+    """A run with 500 logged training steps (each logged twice: the later value counts) and 500 evaluations:
+    the copy keeps 60 training points, first and last among them, every evaluation, and gives the same
+    report, sigma figure included."""
+    from app.report_store import TRAIN_POINTS
+
+    uri = f"sqlite:///{tmp_path / 'src.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("thin")
+    parent = client.create_run(exp, start_time=T0, tags={STAGE_TAG: "pretrain"}).info.run_id
+    tags = {PRETRAIN_TAG: parent, "tmrl.method": "tmrl", "mlflow.parentRunId": parent, STAGE_TAG: "finetune"}
+    run = client.create_run(exp, start_time=T0, tags=tags).info.run_id
+    steps = range(0, 50_000, 100)
+    metrics = [Metric("eval/success_rate", (i % 7) / 7, T0 + i, step) for i, step in enumerate(steps)]
+    for q in (25, 50, 75):
+        metrics += [
+            Metric(f"train/sigma_p{q}", q / 100 + i / 1e4, T0 + i, step) for i, step in enumerate(steps)
+        ]
+        metrics += [
+            Metric(f"train/sigma_p{q}", q / 100 + i / 1e3, T0 + i + 1, step) for i, step in enumerate(steps)
+        ]
+    metrics += [Metric("train/successes", float(i), T0 + i, step) for i, step in enumerate(steps)]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(
+            run, metrics=metrics[start : start + 1000], params=[] if start else [Param("seed", "0")]
+        )
+    client.set_terminated(run)
+    path = tmp_path / "RESULTS.md"
+    path.write_text(
+        f"<!-- tmrl report: sigma runs={run} figure=figures/sigma.png -->\n<!-- /tmrl report -->\n"
+        f"<!-- tmrl report: curves parent={parent} figure=figures/curves.png -->\n<!-- /tmrl report -->\n"
+    )
+    assert report(uri, path) == 0
+    dst = tmp_path / "copy.db"
+    assert report(uri, path, "--export", str(dst)) == 0
+    copy = MlflowClient(f"sqlite:///{dst}")
+    sigma = [(m.step, m.value) for m in copy.get_metric_history(run, "train/sigma_p50")]
+    assert len(sigma) == TRAIN_POINTS and min(sigma)[0] == 0 and max(sigma)[0] == 49_900
+    assert dict(sigma)[49_900] == pytest.approx(0.5 + 499 / 1e3)  # the step's later value
+    assert len(copy.get_metric_history(run, "train/successes")) == TRAIN_POINTS
+    assert len(copy.get_metric_history(run, "eval/success_rate")) == len(steps)
+    assert report(f"sqlite:///{dst}", path, "--check") == 0
 
 
 def test_a_bad_export_is_refused_and_leaves_the_file(store, tmp_path, capsys):
