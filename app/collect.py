@@ -23,13 +23,16 @@ data or for its acknowledgement of new weights) and ``dead_workers`` names it; t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import multiprocessing
 import os
 import queue
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from tensordict.nn import TensorDictModule
@@ -190,6 +193,21 @@ def _policy_copy(blob: bytes) -> TensorDictModule:
     return torch.load(io.BytesIO(blob), weights_only=False)
 
 
+@contextlib.contextmanager
+def workers_ignore_sigint() -> Iterator[None]:
+    """Processes started inside this block ignore SIGINT (inherited across fork and exec, and Python keeps an
+    ignored SIGINT ignored). Ctrl-C in a terminal reaches the whole foreground group: the workers must not die
+    of it mid-exchange, since the learner's handler stops at the end of a batch, saves and shuts them down."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def make_collector(
     env: ChunkEnv,
     policy: TensorDictModule,
@@ -214,10 +232,11 @@ def make_collector(
     sync = WatchedWeightSync()
     cls, extra = (MultiSyncCollector, dict(cat_results="stack")) if cfg.sync else (MultiAsyncCollector, {})
     # the learner keeps its thread count (cfg.threads); each worker runs one thread (num_sub_threads=1)
-    collector = cls(
-        envs, policy, frames_per_batch=frames, total_frames=-1, num_threads=torch.get_num_threads(),
-        num_sub_threads=1, weight_sync_schemes={"policy": sync}, **extra, **kw,
-    )  # fmt: skip
+    with workers_ignore_sigint():
+        collector = cls(
+            envs, policy, frames_per_batch=frames, total_frames=-1, num_threads=torch.get_num_threads(),
+            num_sub_threads=1, weight_sync_schemes={"policy": sync}, **extra, **kw,
+        )  # fmt: skip
     sync.procs = collector.procs
     return collector
 
@@ -232,12 +251,19 @@ def make_distributed(
     # very tensors with "mp" workers, which then read weights mid-update and never need the weight sync
     blob = io.BytesIO()
     torch.save(policy, blob)
+    with workers_ignore_sigint():
+        collector = _distributed(policy, cfg, env_fn, frames, random_frames, blob.getvalue())
+    torch.set_num_threads(threads)  # the learner built a worker's env too (TorchRL's shape probe)
+    return collector
+
+
+def _distributed(policy, cfg: CollectConfig, env_fn: Callable, frames: int, random_frames: int, blob: bytes):
     slurm = dict(slurm_partition=cfg.slurm_partition, slurm_cpus_per_task=cfg.slurm_cpus_per_task)
     slurm |= dict(timeout_min=cfg.slurm_timeout_min)  # TorchRL's default, 10 min, would end a long run
-    collector = WatchedDistributedCollector(
+    return WatchedDistributedCollector(
         [functools.partial(_child_env, env_fn, i) for i in range(cfg.workers)],
         policy,  # the weights' source
-        policy_factory=functools.partial(_policy_copy, blob.getvalue()),
+        policy_factory=functools.partial(_policy_copy, blob),
         frames_per_batch=frames,
         total_frames=ENDLESS,
         init_random_frames=random_frames,
@@ -248,5 +274,3 @@ def make_distributed(
         collector_kwargs=dict(auto_register_policy_transforms=False),
         weight_sync_schemes={"policy": DistributedSync(backend="gloo", sync=cfg.sync)},
     )
-    torch.set_num_threads(threads)  # the learner built a worker's env too (TorchRL's shape probe)
-    return collector

@@ -369,7 +369,7 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
                 flush=True,
             )
             raise
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # ValueError: TorchRL closing a worker not yet gone
             dead = dead_workers(p.collector)
             if not dead:
                 raise

@@ -269,6 +269,61 @@ def test_sigterm_saves_a_checkpoint_and_kills_the_run(store, tmp_path):
     )
 
 
+def _session_pids(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (from /proc), zombies excluded."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state, ppid, pgrp, session, ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("backend", ["local", "distributed"])
+def test_ctrl_c_with_a_collector_worker_saves_kills_the_run_and_leaves_no_process(store, tmp_path, backend):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground group, the collector worker included: the
+    learner still saves a resumable checkpoint and marks the run KILLED, and no worker outlives it."""
+    uri, parent = store
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    over = [
+        "checkpoint_every_env_steps=64",
+        "env_steps=100000",
+        "collect.workers=1",
+        f"collect.backend={backend}",
+        f"tracking.run_name=ctrlc-{backend}",
+    ]
+    cmd = [sys.executable, "-m", "app.cli", *args_for(parent, tmp_path, *over)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob("*/checkpoints/agent_last.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+        assert len(_session_pids(proc.pid)) >= 2  # the learner and its collector worker
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-3000:]
+    run = run_named(uri, f"ctrlc-{backend}")
+    assert f"resume={run.info.run_id}" in out, out[-2000:]
+    assert run.info.status == "KILLED"
+    saved = read_agent(tmp_path / run.info.run_id / "checkpoints" / "agent_last.pt")
+    assert saved["counters"]["env_steps"] > 0 and saved["replay_size"] > 0
+    deadline = time.monotonic() + 10
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _session_pids(proc.pid) == [], "a collector worker outlived the learner"
+
+
 def test_a_nan_update_stops_the_run_and_keeps_the_last_checkpoint(store, tmp_path, monkeypatch, capsys):
     import app.finetune
 
