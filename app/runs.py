@@ -9,6 +9,7 @@ experiment without runs says so.
 from __future__ import annotations
 
 import datetime
+import time
 from collections import defaultdict
 
 from mlflow.entities import Run
@@ -19,6 +20,8 @@ from app.tracking import PRETRAIN_TAG, STAGE_TAG
 SUCCESS = "eval/success_rate"  # a fine-tuning run's success on its fixed evaluation episodes
 ZERO_SHOT = "eval/success_sigma_0"  # a pre-training run's zero-shot success at sigma 0...
 SPLITS = ("train", "heldout")  # ...or, for a task evaluated per split (cube): eval/<split>/success_sigma_0
+PULSE = {"finetune": "train/successes", "pretrain": "train/loss"}  # logged every few batches while it runs
+STALE_MIN = 60  # a RUNNING run that logged nothing this long is shown as RUNNING? (its process may be gone)
 HEADER = ("run id", "method", "seed", "env steps", "success", "status", "started", "name")
 WIDTHS = (36, 12, 6, 13, 11, 10, 18, 0)  # the name, last, takes what it needs
 
@@ -43,6 +46,17 @@ def _steps(client: MlflowClient, run: Run) -> str:
     return f"{reached}/{run.data.params.get('env_steps', '?')}"
 
 
+def _status(client: MlflowClient, run: Run, now_ms: int) -> str:
+    """The run's status; RUNNING? for a RUNNING run whose last metric (or start) is over STALE_MIN old: MLflow
+    has no heartbeat, so a SIGKILLed or lost process leaves its run RUNNING for ever."""
+    info = run.info
+    if info.status != "RUNNING":
+        return info.status
+    key = PULSE.get(run.data.tags.get(STAGE_TAG, ""), "")
+    last = max([info.start_time or 0, *(m.timestamp for m in client.get_metric_history(info.run_id, key))])
+    return "RUNNING?" if now_ms - last > STALE_MIN * 60_000 else "RUNNING"
+
+
 def _line(cells: tuple[str, ...]) -> str:
     return "".join(f"{c:<{w}s}" if w else c for c, w in zip(cells, WIDTHS, strict=True)).rstrip()
 
@@ -57,7 +71,7 @@ def _zero_shot(metrics: dict[str, float]) -> str:
     return "/".join("-" if v is None else f"{v:.0%}" for v in split)
 
 
-def _row(client: MlflowClient, run: Run, indent: str) -> str:
+def _row(client: MlflowClient, run: Run, indent: str, now_ms: int) -> str:
     info, data = run.info, run.data
     finetune = data.tags.get(STAGE_TAG) == "finetune"
     success = data.metrics.get(SUCCESS)
@@ -68,7 +82,7 @@ def _row(client: MlflowClient, run: Run, indent: str) -> str:
         data.params.get("seed", "?"),
         _steps(client, run) if finetune else "-",
         ("-" if success is None else f"{success:.0%}") if finetune else _zero_shot(data.metrics),
-        info.status,
+        _status(client, run, now_ms),
         started,
         info.run_name or "",
     )
@@ -90,17 +104,18 @@ def runs_table(client: MlflowClient, exp_id: str, where: str) -> str:
         f"{len(fits)} pre-training run{'s' * (len(fits) != 1)}, {tuned} fine-tuning run{'s' * (tuned != 1)}"
     )
     lines = [f"[tmrl] {where}: {counts}", _line(HEADER)]
+    now = int(time.time() * 1000)
 
     def order(r: Run) -> tuple:
         return r.data.tags.get("tmrl.method", ""), int(r.data.params.get("seed", 0)), r.info.start_time
 
     for fit in fits:
-        lines.append(_row(client, fit, ""))
-        lines += [_row(client, c, "  ") for c in sorted(children.pop(fit.info.run_id, []), key=order)]
+        lines.append(_row(client, fit, "", now))
+        lines += [_row(client, c, "  ", now) for c in sorted(children.pop(fit.info.run_id, []), key=order)]
     orphans = sorted((c for cs in children.values() for c in cs), key=order)
     if orphans:  # their pre-training run was deleted, or lives in another experiment
         lines.append("fine-tuning runs whose pre-training run is not in this experiment:")
-        lines += [_row(client, c, "  ") for c in orphans]
+        lines += [_row(client, c, "  ", now) for c in orphans]
     others = len(runs) - len(fits) - tuned
     if others:
         lines.append(f"({others} runs of other tools not shown: no {STAGE_TAG} tag)")
@@ -108,5 +123,10 @@ def runs_table(client: MlflowClient, exp_id: str, where: str) -> str:
         f"success: the last {SUCCESS} (fine-tuning), the zero-shot {ZERO_SHOT} (pre-training; a task "
         f"evaluated per split shows {'/'.join(SPLITS)})"
     )
+    if any(" RUNNING? " in line for line in lines):
+        lines.append(
+            f"RUNNING?: nothing logged for over {STALE_MIN} min; its process may be gone (killed, a lost "
+            "machine): `tmrl finetune --from-run <fit> resume=<id>` continues a fine-tuning run"
+        )
     lines.append("compare: `tmrl compare --parent <fit run id>` or `tmrl compare <fine-tuning run id> ...`")
     return "\n".join(lines)

@@ -101,6 +101,25 @@ def test_runs_shows_a_split_evaluated_fit_as_train_over_heldout(mlflow_uri, tmp_
     assert "train/heldout" in lines[-2]
 
 
+def test_runs_flags_a_running_run_that_stopped_logging(mlflow_uri, tmp_path, capsys):
+    """A SIGKILLed run stays RUNNING in MLflow: one with nothing logged for over an hour is shown RUNNING?."""
+    import time
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.create_experiment("tmrl", artifact_location=(tmp_path / "artifacts").as_uri())
+    now = int(time.time() * 1000)
+    fit = _fit(client, exp, "fit", 0.5)
+    tags = {tracking.STAGE_TAG: "finetune", tracking.PRETRAIN_TAG: fit, "tmrl.method": "tmrl"}
+    gone = client.create_run(exp, start_time=now - 3 * 3600_000, run_name="gone", tags=tags).info.run_id
+    client.log_metric(gone, "train/successes", 3.0, timestamp=now - 2 * 3600_000, step=100)
+    alive = client.create_run(exp, start_time=now - 3 * 3600_000, run_name="alive", tags=tags).info.run_id
+    client.log_metric(alive, "train/successes", 3.0, timestamp=now - 60_000, step=100)
+    assert main(["runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert _row(lines, gone)[1][5] == "RUNNING?" and _row(lines, alive)[1][5] == "RUNNING"
+    assert any(line.startswith("RUNNING?: nothing logged for over 60 min") for line in lines)
+
+
 def test_runs_says_what_is_missing(hand_store, tmp_path, capsys):
     client = hand_store[0]
     assert main(["runs", "--experiment", "nope"]) == 2
