@@ -85,6 +85,11 @@ def test_eval_of_a_pointcloud_run(fitted, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "zero-shot cube" in ln]
     assert len(lines) == 1 and "heldout sigma=0.5" in lines[0] and "1 states x 1" in lines[0]
     assert (out / "zero_shot_success_at_k.png").stat().st_size > 0
+    # the zero-shot rollouts are filmed too: the one rollout, a success or a failure, replayed from its qpos
+    (video,) = (out / "videos").glob("*.mp4")
+    assert video.name.startswith("heldout_sigma_0.5_state_0_rollout_0_") and video.stat().st_size > 0
+    logged = [a.path for a in MlflowClient(uri).list_artifacts(run_id, "eval/videos")]
+    assert logged == [f"eval/videos/{video.name}"]
 
 
 def test_a_pre_cube_eval_config_loses_the_maze_eval_keys(tmp_path):

@@ -13,7 +13,9 @@ k-th rollout::
 Each loop iteration renders the clouds (or frames) of the live rows, samples one chunk per live row, and runs
 its first ``exec_horizon`` actions open loop (``app.tasks.rollout``); a row stops at success (terminated) or
 at ``max_episode_steps`` (truncated). The envs of a variation are built once and reset with the same seeds
-for every sigma, so every sigma faces the same S scenes.
+for every sigma, so every sigma faces the same S scenes. Given a list for ``replays``, each row's simulator
+``qpos`` is recorded per step and the first ``REPLAYS_PER_OUTCOME`` successes and failures of each
+(variation, sigma) are appended as replays (``Replay``), which `tmrl eval --videos` films.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from tqdm import tqdm
 
 from app.evaluation import success_at_k
 from app.plots import pyplot
+from app.tasks.base import Replay
 from app.tasks.cube.backend import BatchedCube
 from app.tasks.cube.config import VARIATIONS, CubeConfig, CubeEvalConfig
 from app.tasks.rollout import policy_sampler, rollout
 from modules.nets.keys import POINTCLOUD
 from modules.nets.policy import CSPPolicy
+
+REPLAYS_PER_OUTCOME = 3  # per (variation, sigma): what `tmrl eval --videos N` (N <= 3) picks from
 
 
 def state_seeds(cfg: CubeEvalConfig, variation: str) -> list[int]:
@@ -80,10 +85,16 @@ def _check_policy(policy: CSPPolicy, cube: CubeConfig, cfg: CubeEvalConfig) -> N
 
 @torch.no_grad()
 def rollout_states(
-    policy: CSPPolicy, env: BatchedCube, sigma: float, cfg: CubeEvalConfig, variation: str, progress=False
+    policy: CSPPolicy,
+    env: BatchedCube,
+    sigma: float,
+    cfg: CubeEvalConfig,
+    variation: str,
+    progress=False,
+    replays: list[Replay] | None = None,
 ) -> np.ndarray:
     """Roll out every state ``cfg.rollouts`` times at ``sigma`` in ``env`` (S * K sub-envs, module
-    docstring); returns the (S, K) bool success array."""
+    docstring); returns the (S, K) bool success array; ``replays``: append the rows to film to it."""
     s, k = cfg.states, cfg.rollouts
     if env.num_envs != s * k:
         raise ValueError(f"BatchedCube of {env.num_envs} sub-envs; eval needs states * rollouts = {s * k}")
@@ -93,17 +104,48 @@ def rollout_states(
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + VARIATIONS.index(variation))
     sample = policy_sampler(policy, sigma, gen, cfg.sample_steps)
     desc = f"eval {variation} sigma={sigma:g}"
+    paths = None if replays is None else [[env.scene(row)] for row in range(env.num_envs)]
+
+    def record(rows: np.ndarray) -> None:
+        for row in rows:
+            paths[row].append(env.scene(row))
+
+    goals = env.goal.copy()
     with tqdm(desc=desc, total=env.num_envs, disable=not progress, leave=False) as bar:
-        success = rollout(env, sample, cfg.exec_horizon, on_done=bar.update)
+        success = rollout(
+            env, sample, cfg.exec_horizon, on_step=None if paths is None else record, on_done=bar.update
+        )
+    if paths is not None:
+        replays += _replays(success, paths, goals, variation, sigma, k)
     return success.reshape(s, k)
 
 
+def _replays(success, paths, goals, variation: str, sigma: float, k: int) -> list[Replay]:
+    """The first REPLAYS_PER_OUTCOME successful and failed rows (row order) as replays of their qpos."""
+    chosen = []
+    for wanted, word in ((True, "success"), (False, "failure")):
+        for row in np.flatnonzero(success == wanted)[:REPLAYS_PER_OUTCOME]:
+            state, rollout_k = divmod(int(row), k)
+            label = f"{variation}_sigma_{sigma:g}_state_{state}_rollout_{rollout_k}_{word}"
+            title = f"{variation} s{sigma:g} st{state} r{rollout_k} {'ok' if wanted else 'fail'}"
+            path = np.stack(paths[row])
+            chosen.append(
+                Replay(label, wanted, path, goals[row], group=f"{variation}_sigma_{sigma:g}", title=title)
+            )
+    return chosen
+
+
 def evaluate_cube(
-    policy: CSPPolicy, cube: CubeConfig, cfg: CubeEvalConfig, progress: bool = True
+    policy: CSPPolicy,
+    cube: CubeConfig,
+    cfg: CubeEvalConfig,
+    progress: bool = True,
+    replays: list[Replay] | None = None,
 ) -> dict[tuple[str, float], np.ndarray]:
     """(variation, sigma) -> (S, K) success of the policy's rollouts from each variation's fixed states.
 
     ``cube`` is the run's ``demos.cube`` (cameras, cloud size); its variation and time limit are replaced.
+    ``replays``: a list to append the rows to film to (module docstring).
     """
     _check_policy(policy, cube, cfg)
     policy.eval()
@@ -112,7 +154,9 @@ def evaluate_cube(
         env = BatchedCube(eval_cube_config(cube, cfg, variation), cfg.states * cfg.rollouts, seed=cfg.seed)
         try:
             for sigma in cfg.sigmas:
-                results[variation, sigma] = rollout_states(policy, env, sigma, cfg, variation, progress)
+                results[variation, sigma] = rollout_states(
+                    policy, env, sigma, cfg, variation, progress, replays
+                )
         finally:
             env.close()
     return results

@@ -158,11 +158,12 @@ class CubeTask(Task):
         from app.evaluation import policy_table
         from app.tasks.cube import evaluate
 
-        results = evaluate.evaluate_cube(policy, cfg.demos.cube, cfg.eval, progress=progress)
+        replays: list[Replay] = []  # per (variation, sigma), a few successes and failures to film
+        results = evaluate.evaluate_cube(policy, cfg.demos.cube, cfg.eval, progress=progress, replays=replays)
         out.mkdir(parents=True, exist_ok=True)
         plot = evaluate.plot_success_at_k(results, out / "zero_shot_success_at_k.png", cfg.demos.env)
         table = policy_table(results)  # the variations are the splits
-        return ZeroShot(table.metrics(), evaluate.summary(results), table, [plot])
+        return ZeroShot(table.metrics(), evaluate.summary(results), table, [plot], replays)
 
     def render_replay(self, env: str, replay: Replay, size: int = 128, every: int = 1) -> np.ndarray:
         from app.tasks.cube.video import render_qpos

@@ -92,6 +92,9 @@ class ScriptedCube:
         reward = self.success.astype(np.float32)
         return {"reward": reward, "terminated": self.success.copy(), "truncated": self.truncated.copy()}
 
+    def scene(self, k: int) -> np.ndarray:  # a stand-in qpos: the row's step count and index
+        return np.array([self.step_count[k], k], np.float64)
+
     def observe(self, rows):
         self.rendered.append(rows.copy())
         rng = np.random.default_rng(len(self.rendered))
@@ -109,6 +112,30 @@ def test_rollouts_stop_at_success_or_time_limit_and_render_only_live_rows():
     assert env.rendered[0].all() and env.rendered[1].tolist() == [True, False, True, True, True, True]
     assert env.rendered[2].tolist() == [True, False, False, True, True, True]  # row 2 solved at step 5
     assert len(env.rendered) == 4  # chunks at steps 0, 3, 6, 9
+
+
+def test_recorded_rollouts_give_replays_of_each_step_for_the_first_successes_and_failures():
+    cfg = CubeEvalConfig(states=4, rollouts=2, exec_horizon=3, sample_steps=1, max_episode_steps=10)
+    env = ScriptedCube([0, 2, 5, 0, 10, 0, 3, 4], max_steps=10)  # succeed: rows 1, 2, 4 (at the limit), 6, 7
+    replays = []
+    success = rollout_states(tiny_policy(), env, 0.5, cfg, "heldout", replays=replays)
+    assert success.sum() == 5 and len(replays) == 3 + 3  # REPLAYS_PER_OUTCOME of each outcome
+    wins, losses = replays[:3], replays[3:]
+    assert [r.success for r in wins] == [True] * 3 and not any(r.success for r in losses)
+    assert [r.label for r in wins] == [
+        "heldout_sigma_0.5_state_0_rollout_1_success",
+        "heldout_sigma_0.5_state_1_rollout_0_success",
+        "heldout_sigma_0.5_state_2_rollout_0_success",
+    ]
+    assert losses[0].label == "heldout_sigma_0.5_state_0_rollout_0_failure"
+    assert {r.group for r in replays} == {"heldout_sigma_0.5"}
+    # the reset scene and one per step: row 1 succeeded at step 2, row 0 ran to the limit
+    np.testing.assert_array_equal(wins[0].path, [[0, 1], [1, 1], [2, 1]])
+    assert losses[0].path.shape == (11, 2) and losses[0].path[-1, 0] == 10
+    np.testing.assert_allclose(wins[0].goal, [0.5, 0.2, 0.02])
+    assert (
+        rollout_states(tiny_policy(), env, 0.5, cfg, "heldout").tolist() == success.tolist()
+    )  # no list: no replays
 
 
 def test_state_seeds_are_fixed_and_differ_across_states_and_variations():
