@@ -64,6 +64,13 @@ class PointCloudDataConfig(StateDataConfig):
             raise ValueError(f"data.stats_frames must be >= 1, got {self.stats_frames}")
 
 
+# what the cube's demonstration generator records in attrs "arena_walls": the arena's see-through collision
+# walls are not drawn by the sensor (app/tasks/cube/env.py hide_arena_collision_geoms). Stores drawn by the
+# robot's collision shapes without this attribute were rendered with the walls drawn, which hid the table and
+# the cube from the depth cameras: their clouds show the arm, almost never the cube.
+ARENA_WALLS = "hidden"
+
+
 class DatasetMismatchError(ValueError):
     """An existing episode store does not match the data config (env, keys or cloud size)."""
 
@@ -79,6 +86,13 @@ def check_pointcloud_store(store: EpisodeStore, cfg: PointCloudDataConfig) -> st
         raise DatasetMismatchError(
             f"{path}: attrs 'env' is {attrs.get('env')!r}, but data.env is {cfg.env!r}; point data.path "
             f"at a {cfg.env} store or generate one with `tmrl demos --env {cfg.env}`"
+        )
+    if attrs.get("robot_geometry") == "collision" and attrs.get("arena_walls") != ARENA_WALLS:
+        raise DatasetMismatchError(
+            f"{path}: its clouds were rendered with the arena's collision walls drawn (robot_geometry "
+            f"'collision', attrs 'arena_walls' is {attrs.get('arena_walls')!r}, not {ARENA_WALLS!r}): the "
+            "walls hid the table and the cube from the cameras; delete the store (or `tmrl demos ... "
+            "--overwrite`) to regenerate it"
         )
     goal_key = attrs.get("goal_key")
     if not goal_key:

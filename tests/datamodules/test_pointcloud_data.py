@@ -201,6 +201,11 @@ def _rewrite(tmp_path, name, attrs=ATTRS, drop=(), num_points=N):
             ["'env'", "pointmaze-large", "cube-single"],
         ),
         ({"attrs": {"env": "cube-single"}}, {}, ["'goal_key'", "missing"]),
+        (  # drawn by the robot's collision shapes before the arena's walls were hidden: the cube unseen
+            {"attrs": {**ATTRS, "robot_geometry": "collision"}},
+            {},
+            ["'arena_walls'", "None", "'hidden'", "hid the table and the cube", "regenerate"],
+        ),
     ],
 )
 def test_mismatched_stores_are_refused_with_a_clear_message(tmp_path, store_kw, cfg_kw, expected):
@@ -247,6 +252,7 @@ def test_tmrl_demos_cube_smoke(tmp_path):
     )
     assert (attrs["obs_dim"], attrs["action_dim"], attrs["chunk_rows"]) == (19, 5, 64)
     assert attrs["cameras"] and attrs["variation"] == "train" and attrs["crop_low"] == [0.225, -0.375, 0.005]
+    assert attrs["arena_walls"] == "hidden"  # the sensor does not draw the arena's collision walls
     assert store.array(POINTCLOUD).shape == (60, 64, 3)
     dm = make_dm(store, chunk_len=4, num_points=64, env="cube-single", val_fraction=0.5)
     item = dm.val_set[0]

@@ -23,6 +23,7 @@ from app.tasks.cube.config import (
     resolve_cube,
 )
 from datamodules.episodes import EpisodeStore, write_episodes
+from datamodules.pointcloud import ARENA_WALLS
 from modules.nets.keys import POINTCLOUD
 
 # Rows per stored chunk for point-cloud stores. A lazy read of one frame decodes its whole chunk
@@ -83,6 +84,7 @@ def generate_cube_demos(
         "cube": json.loads(json.dumps(dataclasses.asdict(cube))),  # tuples -> lists
         "expert": dataclasses.asdict(oracle),
         "generator": "cube_oracle",
+        "arena_walls": ARENA_WALLS,  # drawn or not by the sensor (datamodules/pointcloud.py refuses "drawn")
     }
     if cube.output == POINTCLOUD:
         attrs.update(num_points=cube.num_points, crop_low=list(cube.crop_low), crop_high=list(cube.crop_high))

@@ -76,6 +76,23 @@ def pixel_materials() -> dict[str, tuple[float, ...]]:
     return {m.full_identifier: tuple(m.rgba) for m in arena.find_all("material") if m.rgba is not None}
 
 
+HIDDEN_GROUP = 5  # a geom group no sensor draws (ROBOT_GEOMETRY never enables it)
+
+
+def hide_arena_collision_geoms(model: Any) -> list[str]:
+    """Move the collision-only geoms of the world body (the arena's see-through walls: group 3, like the
+    robot's collision shapes) to ``HIDDEN_GROUP``, so drawing the robot by its collision shapes does not draw
+    them too. A depth render ignores transparency: drawn, the walls (0.4 m high around the table) hide the
+    table and the cube from both depth cameras. Geom groups only select what is drawn; physics is unchanged.
+    Returns the names of the geoms moved."""
+    moved = []
+    for g in range(model.ngeom):
+        if model.geom_bodyid[g] == 0 and model.geom_group[g] == 3:
+            model.geom_group[g] = HIDDEN_GROUP
+            moved.append(model.geom(g).name)
+    return moved
+
+
 class CubePointCloudEnv:
     """cube-single with camera observations (module docstring); a gymnasium-like reset/step API.
 
@@ -118,6 +135,7 @@ class CubePointCloudEnv:
                 model.mat_rgba[model.material(name).id] = rgba
         self._scene_option = mujoco.MjvOption()
         self._scene_option.geomgroup[:] = [int(g in ROBOT_GEOMETRY[cfg.robot_geometry]) for g in range(6)]
+        hide_arena_collision_geoms(model)
         self.max_depth = 0.999 * model.vis.map.zfar * model.stat.extent  # pixels at the far plane saw nothing
         self._views = [self._view(name) for name in cfg.cameras]
 

@@ -223,6 +223,27 @@ def test_cube_pointcloud_has_n_points_in_the_box_and_sees_the_cube(cube_env):
         assert np.linalg.norm(cloud - obs["goal"], axis=1).min() > 0.03
 
 
+def test_the_shipped_sensor_drawing_the_robot_by_collision_shapes_sees_the_cube():
+    """configs/csp_pointcloud.yaml's sensor (cameras left and right, the robot's collision shapes): the
+    arena's collision walls, in the same geom group, are not drawn; drawn, they hid the table and the cube
+    from both depth cameras (no point within 5 cm of the cube at reset)."""
+    from app.tasks.cube.config import CubeConfig
+    from app.tasks.cube.env import HIDDEN_GROUP, CubePointCloudEnv
+
+    env = CubePointCloudEnv(CubeConfig(num_points=256, robot_geometry="collision"))
+    try:
+        model = env.sim._model
+        walls = [g for g in range(model.ngeom) if model.geom(g).name.startswith("wall")]
+        assert walls and all(model.geom_group[g] == HIDDEN_GROUP for g in walls)
+        assert not env._scene_option.geomgroup[HIDDEN_GROUP]
+        for seed in (0, 1):
+            env.reset(seed=seed)
+            cloud, cube = env.pointcloud(), env.cube_position()
+            assert (np.linalg.norm(cloud - cube, axis=1) < 0.05).sum() >= 8
+    finally:
+        env.close()
+
+
 def test_cube_variations_keep_the_heldout_region_apart(cube_env):
     lo, hi = np.array(cube_env.config.heldout_low), np.array(cube_env.config.heldout_high)
 
