@@ -56,11 +56,27 @@ def state_keys(env: ChunkEnv) -> list[str]:
     return [k for k in STATE_KEYS if k in env.observation_spec.keys()]
 
 
-def make_buffer(cfg: CollectConfig, batch_size: int, scratch_dir: Path) -> ReplayBuffer:
+def buffer_capacity(cfg: CollectConfig, env_steps: int) -> int:
+    """``collect.buffer_size``, capped at what a run of ``env_steps`` can collect: every chunk takes at least
+    one env step, so a run never holds more than ``env_steps`` chunks (plus the last batch, which may run
+    past the budget) and the cap changes nothing it stores. The storage is allocated whole at its first
+    write: 1M point-cloud chunks took 8-13 GB and were OOM-killed on a 24 GiB machine in a 20k-step run."""
+    return max(1, min(cfg.buffer_size, env_steps + cfg.num_envs * cfg.chunks_per_batch * max(1, cfg.workers)))
+
+
+def make_buffer(
+    cfg: CollectConfig,
+    batch_size: int,
+    scratch_dir: Path,
+    env_steps: int | None = None,
+    capacity: int | None = None,
+) -> ReplayBuffer:
+    """The replay buffer: ``capacity`` chunks if given, else ``buffer_capacity`` for a run of ``env_steps``
+    if given, else ``collect.buffer_size``."""
+    if capacity is None:
+        capacity = cfg.buffer_size if env_steps is None else buffer_capacity(cfg, env_steps)
     storage = (
-        LazyMemmapStorage(cfg.buffer_size, scratch_dir=scratch_dir)
-        if cfg.memmap
-        else LazyTensorStorage(cfg.buffer_size)
+        LazyMemmapStorage(capacity, scratch_dir=scratch_dir) if cfg.memmap else LazyTensorStorage(capacity)
     )
     return ReplayBuffer(storage=storage, batch_size=batch_size)
 
@@ -142,7 +158,7 @@ def build_pipeline(
         optimizers=make_optimizers(loss, lr=cfg.agent.lr),
         policy=policy,
         collector=make_collector(env, policy, cfg.collect, warmup, worker_env),
-        buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir),
+        buffer=make_buffer(cfg.collect, cfg.agent.batch_size, scratch_dir, cfg.env_steps),
         offline=None
         if demos is None
         else demo_chunks(
@@ -338,6 +354,11 @@ def finetune(cfg: FinetuneConfig, from_run: str) -> str:
             tracking.copy_datasets(client, from_run, run_id, context="pre-training")  # the base's data
             client.log_text(run_id, to_yaml(cfg), "config.yaml")
         else:
+            # the replay dump loads only into a storage of its own size: the one the checkpoint was saved with
+            # (a checkpoint from before buffer_capacity: collect.buffer_size)
+            saved = ckpt.get("replay_capacity", cfg.collect.buffer_size)
+            if saved != p.buffer.storage.max_size:
+                p.buffer = make_buffer(cfg.collect, cfg.agent.batch_size, run_dir / "buffer", capacity=saved)
             state = restore(path, ckpt, p.loss, p.optimizers, p.buffer, run_dir / "replay")
             client.update_run(run_id, status="RUNNING")
             owned = True

@@ -88,6 +88,7 @@ def save_checkpoint(
         "sigma_history": list(state.sigma_history),
         "rng": rng_states(),
         "replay_size": len(buffer),
+        "replay_capacity": buffer.storage.max_size,  # a resumed run's buffer must be of this size to load it
     }
     tmp = path.with_name(f"{path.name}.tmp")
     torch.save(ckpt, tmp)

@@ -246,6 +246,20 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path, 
     assert len(fresh) == 5
 
 
+def test_the_replay_buffer_holds_what_the_run_can_collect_not_a_million_chunks(tmp_path):
+    """Allocated whole at the first write, a 1M-chunk storage of point-cloud chunks was OOM-killed; a run
+    never collects more chunks than env steps (each chunk takes one at least), plus the last batch."""
+    from app.finetune import buffer_capacity
+
+    cfg = FinetuneConfig().collect  # num_envs x chunks_per_batch chunks per worker batch
+    batch = cfg.num_envs * cfg.chunks_per_batch * max(1, cfg.workers)
+    assert buffer_capacity(cfg, 20_000) == 20_000 + batch
+    assert buffer_capacity(cfg, 10**9) == cfg.buffer_size  # the configured size stays the ceiling
+    buffer = make_buffer(cfg, 4, tmp_path, env_steps=100)
+    assert buffer._storage.max_size == 100 + batch
+    assert make_buffer(cfg, 4, tmp_path)._storage.max_size == cfg.buffer_size
+
+
 def test_sigterm_saves_a_checkpoint_and_kills_the_run(store, tmp_path):
     """Pre-emption sends SIGTERM: the CLI ends as on Ctrl-C, a resumable checkpoint saved, the run KILLED."""
     uri, parent = store
