@@ -79,18 +79,14 @@ def pixel_materials() -> dict[str, tuple[float, ...]]:
 HIDDEN_GROUP = 5  # a geom group no sensor draws (ROBOT_GEOMETRY never enables it)
 
 
-def hide_arena_collision_geoms(model: Any) -> list[str]:
+def hide_arena_collision_geoms(model: Any) -> None:
     """Move the collision-only geoms of the world body (the arena's see-through walls: group 3, like the
     robot's collision shapes) to ``HIDDEN_GROUP``, so drawing the robot by its collision shapes does not draw
     them too. A depth render ignores transparency: drawn, the walls (0.4 m high around the table) hide the
-    table and the cube from both depth cameras. Geom groups only select what is drawn; physics is unchanged.
-    Returns the names of the geoms moved."""
-    moved = []
+    table and the cube from both depth cameras. Geom groups only select what is drawn, not physics."""
     for g in range(model.ngeom):
         if model.geom_bodyid[g] == 0 and model.geom_group[g] == 3:
             model.geom_group[g] = HIDDEN_GROUP
-            moved.append(model.geom(g).name)
-    return moved
 
 
 class CubePointCloudEnv:
