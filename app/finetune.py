@@ -147,9 +147,11 @@ def build_pipeline(
     eval_env = make_chunk_env(num_envs=cfg.eval.episodes, seed=cfg.eval.seed, **env_kw)
     base_env = None
     if base is not None and cfg.eval.every_env_steps > 0:
+        # the eval env's own sub-envs: the base runs on the same episodes, never while the agent does
         base_env = make_zero_shot_env(
-            cfg.task, cfg.eval.episodes, base, c.exec_horizon, cfg.eval.seed, sensor, c.sample_steps
-        )
+            cfg.task, cfg.eval.episodes, base, c.exec_horizon, cfg.eval.seed, sensor, c.sample_steps,
+            backend=eval_env.backend,
+        )  # fmt: skip
     loss, policy = make_actor(env, cfg)
     return Pipeline(
         env=env,

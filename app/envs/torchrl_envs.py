@@ -148,6 +148,9 @@ class ChunkEnv(EnvBase):
         exec_horizon: H, low-level actions executed per high-level step.
         seed: seed of the start/goal draws.
         sensor: the sensor settings of the policy behind the decoder (its ``sensor``), for tasks with one.
+        backend: the sub-envs of another ChunkEnv of ``num_envs`` to step instead of making new ones, for
+            envs that are never stepped at the same time (a rendered cube sub-env holds ~330 MB: its
+            MuJoCo model, data and renderer); seeding and resetting either env reseeds and resets both.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class ChunkEnv(EnvBase):
         exec_horizon: int,
         seed: int = 0,
         sensor: Mapping[str, Any] | None = None,
+        backend: Any = None,
     ) -> None:
         if isinstance(exec_horizon, bool) or not isinstance(exec_horizon, int) or exec_horizon < 1:
             raise ValueError(f"ChunkEnv exec_horizon={exec_horizon!r}; expected an integer >= 1")
@@ -166,7 +170,12 @@ class ChunkEnv(EnvBase):
                 f"ChunkEnv exec_horizon={exec_horizon} exceeds the decoder's chunk length {decoder.chunk_len}"
             )
         super().__init__(batch_size=torch.Size([num_envs]), device="cpu")
-        self.backend = task.task.make_backend(task, num_envs, seed, sensor or {})
+        if backend is not None and backend.num_envs != num_envs:
+            have = backend.num_envs
+            raise ValueError(f"ChunkEnv num_envs={num_envs} but the shared backend has {have} sub-envs")
+        if backend is None:
+            backend = task.task.make_backend(task, num_envs, seed, sensor or {})
+        self.backend = backend
         if decoder.env_action_dim != self.backend.action_dim:
             want = self.backend.action_dim
             raise ValueError(f"decoder makes {decoder.env_action_dim}-d actions; {task.env} expects {want}")
@@ -250,7 +259,10 @@ def make_zero_shot_env(
     sensor: Mapping[str, Any] | None = None,
     steps: int | None = None,
     sigma: float = 0.0,
+    backend: Any = None,
 ) -> ChunkEnv:
     """ChunkEnv that runs the base policy alone (``ZeroShotDecoder`` at ``sigma``): with the eval env's seed
-    it rolls out the same fixed episodes, so its success is the base's zero-shot success on them."""
-    return ChunkEnv(task, num_envs, ZeroShotDecoder(policy, steps, sigma), exec_horizon, seed, sensor)
+    it rolls out the same fixed episodes, so its success is the base's zero-shot success on them;
+    ``backend``: the eval env's sub-envs, to step those instead of making more (see ``ChunkEnv``)."""
+    decoder = ZeroShotDecoder(policy, steps, sigma)
+    return ChunkEnv(task, num_envs, decoder, exec_horizon, seed, sensor, backend=backend)

@@ -276,6 +276,25 @@ def test_the_agent_starts_at_its_base_policys_zero_shot_success(tmp_path, method
     assert agent - still > 0.2
 
 
+def test_the_base_alone_steps_the_eval_envs_own_sub_envs(tmp_path):
+    """The base's evaluation shares the eval env's sub-envs (a rendered cube sub-env is ~330 MB; a second
+    set of eval.episodes of them doubled a run's memory) and sees the same episodes before and after the
+    agent has stepped them; a backend of another size is refused."""
+    from app.envs.torchrl_envs import make_zero_shot_env
+    from app.finetune import dummy_action, evaluate
+
+    cfg, p = _random_walk_pipeline(tmp_path, ["method=tmrl"])
+    assert p.base_env.backend is p.eval_env.backend
+    before = evaluate(p.base_env, dummy_action, 11, cfg.eval.seed)
+    evaluate(p.eval_env, p.policy, 11, cfg.eval.seed + 1)
+    after = evaluate(p.base_env, dummy_action, 11, cfg.eval.seed)
+    p.collector.shutdown()
+    assert 0.0 < before < 1.0 and after == before
+    policy = p.base_env.decoder.policy
+    with pytest.raises(ValueError, match="num_envs=3 but the shared backend has 128"):
+        make_zero_shot_env(cfg.task, 3, policy, cfg.chunk.exec_horizon, backend=p.eval_env.backend)
+
+
 def test_the_evaluated_agent_hands_out_the_base_policys_noise(tmp_path):
     """With eval.deterministic off (default), the decoded z of the evaluation is N(0, 1) noise over the
     whole chunk (not an all-zero or repeated vector), sigma is near 0; the deterministic option gives 0."""
